@@ -1,0 +1,548 @@
+"""
+The SSD selective scan of Mamba-2: Triton forward and backward kernels, the plain reference loop,
+a vectorised PyTorch path for CPU training, and the autograd wrapper.
+
+Per batch element and head h, with state S_t in R^{P x N} (P = headdim, N = dstate):
+
+    S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,        y_t = S_t C_t + D x_t,        S_0 = initial_state
+
+The kernels cut the sequence into chunks of L positions and carry S from chunk to chunk. Inside a
+chunk, with c_t = sum_{s<=t} dt_s A (the cumulative log-decay from the chunk's start) and the
+decay mask M_ts = exp(c_t - c_s) for s <= t (0 otherwise), everything is a handful of matrix products:
+
+    y      = (C B^T * M * dt^T) x  +  exp(c) * (C S^T)  +  D x                     (L x P)
+    S_next = exp(c_L) S  +  (x * exp(c_L - c) dt)^T B                                (P x N)
+
+The backward walks the chunks from last to first with R = dL/dS at the chunk's end (what later
+positions and the returned states send back). Writing Lam_t = dL/dS_t = exp(c_L - c_t) R +
+sum_{u>=t} exp(c_u - c_t) dy_u C_u^T, and dYX = dy x^T:
+
+    dC     = exp(c) * (dy S)  +  (dYX * M * dt^T) B              [= S_t^T dy_t]
+    LamB   = (C B^T * M)^T dy  +  exp(c_L - c) * (B R^T)          [row t: Lam_t B_t]
+    dx     = dt * LamB + D dy,        dB = dt * (exp(c_L - c) * (x R) + (dYX * M)^T C)
+    R_prev = exp(c_L) R  +  (dy * exp(c))^T C
+    da_t   = exp(dt_t A) <Lam_t, S_{t-1}>       (four plain sums: Lam from R or from dy, S_{t-1} from S or x)
+    ddt    = A da + x . LamB,       dA = sum dt da,       dD = sum dy . x
+
+The forward state S at each chunk start, which dC needs, is recomputed by the forward kernel in a
+state-only mode: the backward keeps nothing per position, only chunk-boundary states.
+
+A program walks a short segment of chunks in sequence; segments run side by side, which keeps the
+GPU busy whatever the batch. A state-only pass gives each segment's own final state (going backward,
+its own adjoint), _pass_kernel chains them (S <- exp(sum of dt A over the segment) S + local), and the
+main pass starts every segment from its true state.
+
+reverse=True runs the same kernels with position i read from seqlen - 1 - i.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton reads TRITON_INTERPRET when the kernels below are defined; on CPU they then run in its
+# interpreter, which is how CI tests them. The interpreter's tl.dot multiplies bfloat16's raw bits,
+# so there every product is taken in float32.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CPU_KERNELS = INTERPRET  # CPU tensors take the kernels (in the interpreter), else the PyTorch path
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks and the reference
+
+
+def _check_args(x, dt, A, B, C, D, initial_state, state_every, dtypes):
+    """Validate the arguments of a scan; return (batch, seqlen, nheads, headdim, ngroups, dstate)."""
+    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
+    for name, t in named.items():
+        if t is None and name in ("D", "initial_state"):
+            continue
+        if not torch.is_tensor(t):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise ValueError(f"{name} must have a floating dtype ({allowed}), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share a device")
+    if x.dim() != 4 or 0 in x.shape:
+        raise ValueError(f"x must have shape (batch, seqlen, nheads, headdim) with no empty dim, got {tuple(x.shape)}")
+    batch, seqlen, nheads, headdim = x.shape
+    if B.dim() != 4 or tuple(B.shape[:2]) != (batch, seqlen) or 0 in B.shape:
+        raise ValueError(f"B must have shape (batch={batch}, seqlen={seqlen}, ngroups, dstate), got {tuple(B.shape)}")
+    ngroups, dstate = B.shape[2], B.shape[3]
+    expected = dict(dt=(batch, seqlen, nheads), A=(nheads,), C=(batch, seqlen, ngroups, dstate), D=(nheads,),
+                    initial_state=(batch, nheads, headdim, dstate))
+    for name, shape in expected.items():
+        t = named[name]
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if nheads % ngroups:
+        raise ValueError(f"nheads ({nheads}) must be divisible by ngroups ({ngroups}, B.shape[2])")
+    if state_every is not None:
+        if isinstance(state_every, bool) or not isinstance(state_every, int) or state_every < 1:
+            raise ValueError(f"state_every must be None or a positive int, got {state_every!r}")
+        if seqlen % state_every:
+            raise ValueError(f"state_every ({state_every}) must divide seqlen ({seqlen})")
+    return batch, seqlen, nheads, headdim, ngroups, dstate
+
+
+def selective_scan_ref(x, dt, A, B, C, D=None, initial_state=None, reverse=False, state_every=None):
+    """The definition: a plain loop over positions, in float32 (float64 for float64 inputs)."""
+    batch, seqlen, nheads, headdim, ngroups, dstate = _check_args(
+        x, dt, A, B, C, D, initial_state, state_every, FLOAT_DTYPES + (torch.float64,))
+    f = torch.float64 if x.dtype == torch.float64 else torch.float32
+    B = B.to(f).repeat_interleave(nheads // ngroups, dim=2)
+    C = C.to(f).repeat_interleave(nheads // ngroups, dim=2)
+    xf, dt, A = x.to(f), dt.to(f), A.to(f)
+    state = x.new_zeros(batch, nheads, headdim, dstate, dtype=f) if initial_state is None else initial_state.to(f)
+    ys, states = [None] * seqlen, []
+    for k, t in enumerate(range(seqlen - 1, -1, -1) if reverse else range(seqlen)):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
+        state = decay * state + (dt[:, t, :, None] * xf[:, t])[..., None] * B[:, t, :, None, :]
+        ys[t] = torch.einsum("bhpn,bhn->bhp", state, C[:, t])
+        if state_every is not None and (k + 1) % state_every == 0:
+            states.append(state)
+    y = torch.stack(ys, 1)
+    if D is not None:
+        y = y + D.to(f)[:, None] * xf
+    y = y.to(x.dtype)
+    return y if state_every is None else (y, torch.stack(states, 1))
+
+
+CHUNK = 32  # positions per chunk: measured best on an H200 (bench.py, README), smaller tiles spill less
+
+
+def _chunk_len(seqlen, state_every):
+    """Chunk length: CHUNK, or a divisor of state_every so that every returned state ends a chunk."""
+    if state_every is None:
+        return min(CHUNK, max(16, triton.next_power_of_2(seqlen)))
+    if state_every % CHUNK == 0:
+        return CHUNK
+    d = max(d for d in range(1, CHUNK + 1) if state_every % d == 0)
+    return state_every if d < 16 and state_every <= 128 else d
+
+
+# ----------------------------------------------------------------------------------------------
+# vectorised PyTorch path (CPU training): the same chunked math, autograd through torch
+
+
+def _scan_torch(x, dt, A, B, C, D, initial_state, reverse, state_every):
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2:]
+    r = nheads // ngroups
+    L = _chunk_len(seqlen, state_every)
+    nc = -(-seqlen // L)
+    pad = nc * L - seqlen
+
+    def prep(t):  # scan order, float32, padded with zeros (dt = 0 there: the state passes unchanged)
+        t = t.flip(1) if reverse else t
+        return torch.nn.functional.pad(t.float(), (0, 0) * (t.dim() - 2) + (0, pad))
+
+    xs = prep(x).view(batch, nc, L, ngroups, r, headdim)
+    dts = prep(dt).view(batch, nc, L, ngroups, r)
+    Bs = prep(B).view(batch, nc, L, ngroups, dstate)
+    Cs = prep(C).view(batch, nc, L, ngroups, dstate)
+    cs = torch.cumsum(dts * A.float().view(ngroups, r), dim=2)  # (b, nc, L, g, r)
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[:, :, None, None]
+    M = torch.exp((cs[:, :, :, None] - cs[:, :, None, :]).masked_fill(~causal, float("-inf")))
+    W = torch.einsum("bctgn,bcsgn->bctsg", Cs, Bs)[..., None] * M * dts[:, :, None]
+    y = torch.einsum("bctsgr,bcsgrp->bctgrp", W, xs)
+    local = torch.einsum("bcsgr,bcsgrp,bcsgn->bcgrpn", torch.exp(cs[:, :, -1:] - cs) * dts, xs, Bs)
+    state = (x.new_zeros(batch, ngroups, r, headdim, dstate, dtype=torch.float32) if initial_state is None
+             else initial_state.float().view(batch, ngroups, r, headdim, dstate))
+    starts, ends = [], []
+    for c in range(nc):
+        starts.append(state)
+        state = torch.exp(cs[:, c, -1])[..., None, None] * state + local[:, c]
+        ends.append(state)
+    y = y + torch.einsum("bctgn,bcgrpn->bctgrp", Cs, torch.stack(starts, 1)) * torch.exp(cs)[..., None]
+    y = y.reshape(batch, nc * L, nheads, headdim)[:, :seqlen]
+    y = y.flip(1) if reverse else y
+    if D is not None:
+        y = y + D.float()[:, None] * x.float()
+    y = y.to(x.dtype)
+    if state_every is None:
+        return y
+    states = torch.stack(ends[state_every // L - 1::state_every // L], 1)
+    return y, states.reshape(batch, -1, nheads, headdim, dstate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _dot(a, b, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """a @ b on the tensor cores in the inputs' precision, accumulated in float32."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if DTYPE == tl.float32:  # three tf32 products: float32 accuracy, still on the tensor cores
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    return tl.dot(a.to(DTYPE), b.to(DTYPE))
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, start_ptr, states_ptr,
+    seqlen, nheads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
+    sx_b, sx_l, sx_h, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sC_b, sC_l, sC_g,
+    CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_START: tl.constexpr, WRITE_Y: tl.constexpr, WRITE_STATES: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # one program: one (batch, head), one tile of headdim, one segment of chunks
+    bh, pid_p, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // nheads, bh % nheads
+    g = h // heads_per_group
+    nseg = tl.num_programs(2)
+    nchunks = tl.cdiv(seqlen, CHUNK)
+    c0 = seg * seg_chunks
+    c1 = tl.minimum(c0 + seg_chunks, nchunks)
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_pn = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
+    x_base = x_ptr + b.to(tl.int64) * sx_b + h * sx_h
+    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + h * sdt_h
+    B_base = B_ptr + b.to(tl.int64) * sB_b + g * sB_g
+    C_base = C_ptr + b.to(tl.int64) * sC_b + g * sC_g
+    pn = offs_p[:, None] * dstate + offs_n[None, :]
+    A = tl.load(A_ptr + h).to(tl.float32)
+
+    if HAS_START:
+        start = start_ptr + ((b.to(tl.int64) * nseg + seg) * nheads + h) * headdim * dstate
+        state = tl.load(start + pn, mask=mask_pn, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+
+    for c in range(c0, c1):
+        i = c * CHUNK + offs_l
+        valid = (offs_l < CHUNK) & (i < seqlen)
+        pos = (seqlen - 1 - i if REVERSE else i).to(tl.int64)
+        mask_lp = valid[:, None] & (offs_p[None, :] < headdim)
+        mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
+        dt = tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
+        x = tl.load(x_base + pos[:, None] * sx_l + offs_p[None, :], mask=mask_lp, other=0.0)
+        Bm = tl.load(B_base + pos[:, None] * sB_l + offs_n[None, :], mask=mask_ln, other=0.0)
+        a = dt * A
+        cs = tl.cumsum(a, 0)
+        a_tot = tl.sum(a, 0)
+
+        if WRITE_Y:
+            Cm = tl.load(C_base + pos[:, None] * sC_l + offs_n[None, :], mask=mask_ln, other=0.0)
+            causal = offs_l[:, None] >= offs_l[None, :]
+            M = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+            W = _dot(Cm, tl.trans(Bm), DTYPE, DOT_F32) * M * dt[None, :]
+            y = _dot(W, x, DTYPE, DOT_F32) + tl.exp(cs)[:, None] * _dot(Cm, tl.trans(state), DTYPE, DOT_F32)
+            if HAS_D:
+                y += tl.load(D_ptr + h).to(tl.float32) * x.to(tl.float32)
+            y_rows = (b.to(tl.int64) * seqlen + pos) * nheads * headdim + h * headdim
+            tl.store(y_ptr + y_rows[:, None] + offs_p[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_lp)
+
+        xw = x.to(tl.float32) * (tl.exp(a_tot - cs) * dt)[:, None]
+        state = tl.exp(a_tot) * state + _dot(tl.trans(xw), Bm, DTYPE, DOT_F32)
+
+        if WRITE_STATES:  # after every `every` chunks, and at the end
+            if ((c + 1) % every == 0) | (c + 1 == nchunks):
+                j = c // every
+                out = states_ptr + ((b.to(tl.int64) * nstates + j) * nheads + h) * headdim * dstate
+                tl.store(out + pn, state, mask=mask_pn)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, init_ptr, chunk_states_ptr, dstates_ptr, rend_ptr,
+    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, rout_ptr,
+    seqlen, nheads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
+    sx_b, sx_l, sx_h, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sC_b, sC_l, sC_g,
+    CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DSTATES: tl.constexpr, HAS_REND: tl.constexpr,
+    STATE_ONLY: tl.constexpr, REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # one program: one (batch, head), one tile of headdim, one segment, its chunks last to first.
+    # STATE_ONLY: just carry R through the segment from zero (the segments' own adjoints).
+    # dB and dC get one partial sum per (head, headdim tile), summed outside: no atomics between heads.
+    bh, pid_p, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // nheads, bh % nheads
+    g = h // heads_per_group
+    nptiles, nseg = tl.num_programs(1), tl.num_programs(2)
+    nchunks = tl.cdiv(seqlen, CHUNK)
+    c0 = seg * seg_chunks
+    c1 = tl.minimum(c0 + seg_chunks, nchunks)
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_pn = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
+    pn = offs_p[:, None] * dstate + offs_n[None, :]
+    PN = headdim * dstate
+    x_base = x_ptr + b.to(tl.int64) * sx_b + h * sx_h
+    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + h * sdt_h
+    B_base = B_ptr + b.to(tl.int64) * sB_b + g * sB_g
+    C_base = C_ptr + b.to(tl.int64) * sC_b + g * sC_g
+    dy_base = dy_ptr + b.to(tl.int64) * seqlen * nheads * headdim + h * headdim
+    dx_base = dx_ptr + b.to(tl.int64) * seqlen * nheads * headdim + h * headdim
+    ddt_base = ddt_ptr + b.to(tl.int64) * seqlen * nheads + h
+    part_row = nheads * nptiles * dstate  # dB, dC partials: (batch, seqlen, nheads * nptiles, dstate)
+    dB_base = dB_ptr + b.to(tl.int64) * seqlen * part_row + (h * nptiles + pid_p) * dstate
+    dC_base = dC_ptr + b.to(tl.int64) * seqlen * part_row + (h * nptiles + pid_p) * dstate
+    states_bh = chunk_states_ptr + (b.to(tl.int64) * nchunks * nheads + h) * PN  # + c * nheads * PN
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + h).to(tl.float32)
+
+    if HAS_REND:
+        R = tl.load(rend_ptr + ((b.to(tl.int64) * nseg + seg) * nheads + h) * PN + pn, mask=mask_pn, other=0.0)
+    else:
+        R = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    dA_acc = tl.zeros([BLOCK_L], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_L], dtype=tl.float32)
+
+    for k in range(c1 - c0):
+        c = c1 - 1 - k
+        i = c * CHUNK + offs_l
+        valid = (offs_l < CHUNK) & (i < seqlen)
+        pos = (seqlen - 1 - i if REVERSE else i).to(tl.int64)
+        mask_lp = valid[:, None] & (offs_p[None, :] < headdim)
+        mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
+        dt = tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
+        Cm = tl.load(C_base + pos[:, None] * sC_l + offs_n[None, :], mask=mask_ln, other=0.0)
+        dy = tl.load(dy_base + pos[:, None] * nheads * headdim + offs_p[None, :], mask=mask_lp, other=0.0)
+        a = dt * A
+        cs = tl.cumsum(a, 0)
+        a_tot = tl.sum(a, 0)
+        exp_cs = tl.exp(cs)
+
+        if HAS_DSTATES:  # a returned state ends this chunk: its gradient joins R
+            if (c + 1) % every == 0:
+                j = (c + 1) // every - 1
+                dS = tl.load(dstates_ptr + ((b.to(tl.int64) * nstates + j) * nheads + h) * PN + pn,
+                             mask=mask_pn, other=0.0)
+                R += dS
+
+        if not STATE_ONLY:
+            x = tl.load(x_base + pos[:, None] * sx_l + offs_p[None, :], mask=mask_lp, other=0.0)
+            Bm = tl.load(B_base + pos[:, None] * sB_l + offs_n[None, :], mask=mask_ln, other=0.0)
+            # forward state at the chunk's start: the previous chunk's end, or the initial state
+            if c > 0:
+                S = tl.load(states_bh + (c - 1).to(tl.int64) * nheads * PN + pn, mask=mask_pn, other=0.0)
+            elif HAS_INIT:
+                S = tl.load(init_ptr + (b.to(tl.int64) * nheads + h) * PN + pn, mask=mask_pn, other=0.0).to(tl.float32)
+            else:
+                S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+            exp_tail = tl.exp(a_tot - cs)
+            causal = offs_l[:, None] >= offs_l[None, :]
+            M = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+            G = _dot(Cm, tl.trans(Bm), DTYPE, DOT_F32)
+            dYXM = _dot(dy, tl.trans(x), DTYPE, DOT_F32) * M
+            dC_in = exp_cs[:, None] * _dot(dy, S, DTYPE, DOT_F32)  # through the incoming state
+            xR = exp_tail[:, None] * _dot(x, R, DTYPE, DOT_F32)  # through the outgoing adjoint
+            dC = dC_in + _dot(dYXM * dt[None, :], Bm, DTYPE, DOT_F32)
+            dB = dt[:, None] * (xR + _dot(tl.trans(dYXM), Cm, DTYPE, DOT_F32))
+            LB = _dot(tl.trans(G * M), dy, DTYPE, DOT_F32) + exp_tail[:, None] * _dot(Bm, tl.trans(R), DTYPE, DOT_F32)
+            xf = x.to(tl.float32)
+            dyf = dy.to(tl.float32)
+            ddt_direct = tl.sum(xf * LB, 1)
+            # dL/da_t = exp(a_t) <Lam_t, S_{t-1}>, split by where Lam and S come from (R or later dy;
+            # S or earlier inputs). Every term is a plain sum, so nothing cancels.
+            from_in = tl.sum(Cm.to(tl.float32) * dC_in, 1)  # u >= t: exp(c_u) dy_u^T S C_u
+            from_out = dt * tl.sum(Bm.to(tl.float32) * xR, 1)  # s < t: exp(c_L - c_s) dt_s x_s^T R B_s
+            # within the chunk: sum over u >= t > s of exp(c_u - c_s) dt_s (dy_u . x_s)(C_u . B_s)
+            inner = tl.cumsum(dYXM * G * dt[None, :], 0, reverse=True)  # [t, s]: summed over u >= t
+            inner = tl.sum(tl.where(offs_l[:, None] > offs_l[None, :], inner, 0.0), 1)
+            da = (tl.exp(a_tot) * tl.sum(tl.sum(R * S, 1), 0) + tl.cumsum(from_in, 0, reverse=True)
+                  + tl.cumsum(from_out, 0) - from_out + inner)
+            dx = dt[:, None] * LB
+            if HAS_D:
+                dx += D * dyf
+                dD_acc += tl.sum(dyf * xf, 1)
+            dA_acc += dt * da
+            tl.store(dx_base + pos[:, None] * nheads * headdim + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=mask_lp)
+            tl.atomic_add(ddt_base + pos * nheads, A * da + ddt_direct, mask=valid)
+            tl.store(dB_base + pos[:, None] * part_row + offs_n[None, :], dB.to(dB_ptr.dtype.element_ty), mask=mask_ln)
+            tl.store(dC_base + pos[:, None] * part_row + offs_n[None, :], dC.to(dC_ptr.dtype.element_ty), mask=mask_ln)
+
+        R = tl.exp(a_tot) * R + _dot(tl.trans(dy.to(tl.float32) * exp_cs[:, None]), Cm, DTYPE, DOT_F32)
+
+    tl.store(rout_ptr + ((b.to(tl.int64) * nseg + seg) * nheads + h) * PN + pn, R, mask=mask_pn)
+    if not STATE_ONLY:
+        tl.atomic_add(dA_ptr + h, tl.sum(dA_acc, 0))
+        if HAS_D:
+            tl.atomic_add(dD_ptr + h, tl.sum(dD_acc, 0))
+
+
+@triton.jit
+def _pass_kernel(local_ptr, logdecay_ptr, init_ptr, out_ptr, nseg, nheads, size,
+                 BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr):
+    # Chain the segments of one (batch, head), in the direction of travel: out[k] = the state entering
+    # segment k; then S <- exp(logdecay[k]) S + local[k]. Elementwise over a tile of P x N.
+    bh, pid = tl.program_id(0), tl.program_id(1)
+    b, h = bh // nheads, bh % nheads
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    if HAS_INIT:
+        S = tl.load(init_ptr + bh.to(tl.int64) * size + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(nseg):
+        k = nseg - 1 - i if REVERSE else i
+        row = (b.to(tl.int64) * nseg + k) * nheads + h
+        tl.store(out_ptr + row * size + offs, S, mask=mask)
+        S = tl.exp(tl.load(logdecay_ptr + row)) * S + tl.load(local_ptr + row * size + offs, mask=mask, other=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch planning and the autograd function
+
+
+class _Plan:
+    """Chunk, tile and segment sizes for one problem shape, from a sweep on an H200 (README)."""
+
+    def __init__(self, batch, seqlen, nheads, headdim, dstate, state_every, reverse):
+        self.reverse = reverse
+        self.chunk = _chunk_len(seqlen, state_every)
+        self.nchunks = -(-seqlen // self.chunk)
+        self.block_l = max(16, triton.next_power_of_2(self.chunk))
+        self.block_n = max(16, triton.next_power_of_2(dstate))
+        # the state tile lives in registers: 64 x 128 floats or fewer
+        self.block_p = self.block_p_bwd = max(16, min(triton.next_power_of_2(headdim), 8192 // self.block_n))
+        self.warps, self.warps_bwd = 4, 8
+        self.stages, self.stages_bwd = 2, 1
+        # a program walks seg_chunks chunks in sequence; segments run in parallel, chained by _pass_kernel.
+        # Longer segments move fewer states; shorter ones give more programs when batch * nheads is small.
+        self.seg_chunks = 8 if batch * nheads >= 128 else 16
+        self.nseg = -(-self.nchunks // self.seg_chunks)
+
+
+def _strides(x, dt, B, C):
+    return (*x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3])
+
+
+def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every):
+    """Launch the forward kernel over plan.nseg segments; start is (batch, nseg, nheads, P, N) or None.
+    Returns y (or None) and the states after every `every` chunks and at the end (or None)."""
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2:]
+    y = torch.empty_like(x, memory_format=torch.contiguous_format) if write_y else None
+    nstates = -(-plan.nchunks // every) if every else 0
+    states = x.new_empty(batch, nstates, nheads, headdim, dstate, dtype=torch.float32) if every else None
+    grid = (batch * nheads, -(-headdim // plan.block_p), plan.nseg)
+    _scan_fwd_kernel[grid](
+        x, dt, A, B, C, D, y, start, states,
+        seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks, every or 1, nstates,
+        *_strides(x, dt, B, C),
+        CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
+        HAS_D=D is not None, HAS_START=start is not None, WRITE_Y=write_y, WRITE_STATES=bool(every),
+        REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps, num_stages=plan.stages)
+    return y, states
+
+
+def _pass(local, logdecay, init, reverse):
+    """States entering each segment: (batch, nseg, nheads, P, N) float32. See _pass_kernel."""
+    batch, nseg, nheads = logdecay.shape
+    size = local.shape[3] * local.shape[4]
+    out = torch.empty_like(local)
+    BLOCK = min(1024, triton.next_power_of_2(size))
+    _pass_kernel[(batch * nheads, -(-size // BLOCK))](
+        local, logdecay, init, out, nseg, nheads, size, BLOCK=BLOCK, HAS_INIT=init is not None, REVERSE=reverse)
+    return out
+
+
+def _segment_logdecay(plan, dt, A):
+    """sum of dt * A over each segment, in scan order: (batch, nseg, nheads) float32."""
+    a = dt.float() * A.float()
+    a = a.flip(1) if plan.reverse else a
+    seg_len = plan.seg_chunks * plan.chunk
+    a = torch.nn.functional.pad(a, (0, 0, 0, plan.nseg * seg_len - a.shape[1]))
+    return a.view(a.shape[0], plan.nseg, seg_len, -1).sum(2).contiguous()
+
+
+class _SelectiveScan(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, initial_state, reverse, state_every):
+        ctx.set_materialize_grads(False)
+        batch, seqlen, nheads, headdim = x.shape
+        plan = _Plan(batch, seqlen, nheads, headdim, B.shape[3], state_every, reverse)
+        start, logdecay = initial_state, None
+        if plan.nseg > 1:  # each segment's own final state, then chained
+            _, local = _run_fwd(plan, x, dt, A, B, C, D, None, False, plan.seg_chunks)
+            logdecay = _segment_logdecay(plan, dt, A)
+            start = _pass(local, logdecay, initial_state, False)
+        y, states = _run_fwd(plan, x, dt, A, B, C, D, start, True, state_every and state_every // plan.chunk)
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_state, start, logdecay)
+        ctx.plan, ctx.state_every = plan, state_every
+        return y, states
+
+    @staticmethod
+    def backward(ctx, dy, dstates):
+        x, dt, A, B, C, D, initial_state, start, logdecay = ctx.saved_tensors
+        plan = ctx.plan
+        batch, seqlen, nheads, headdim = x.shape
+        ngroups, dstate = B.shape[2:]
+        dy = torch.zeros_like(x) if dy is None else dy.contiguous()
+        dstates = None if dstates is None else dstates.contiguous()
+        every = ctx.state_every // plan.chunk if ctx.state_every else 1
+        # forward states at every chunk end, recomputed (segments start from their saved states)
+        _, chunk_states = _run_fwd(plan, x, dt, A, B, C, D, start, False, 1)
+        nptiles = -(-headdim // plan.block_p_bwd)
+        f32 = dict(device=x.device, dtype=torch.float32)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        ddt = torch.zeros(batch, seqlen, nheads, **f32)
+        dB = B.new_empty(batch, seqlen, nheads * nptiles, dstate)
+        dC = C.new_empty(batch, seqlen, nheads * nptiles, dstate)
+        dA = torch.zeros(nheads, **f32)
+        dD = torch.zeros(nheads, **f32)
+        rout = torch.empty(batch, plan.nseg, nheads, headdim, dstate, **f32)
+        grid = (batch * nheads, nptiles, plan.nseg)
+
+        def launch(rend, state_only):
+            _scan_bwd_kernel[grid](
+                x, dt, A, B, C, D, dy, initial_state, chunk_states, dstates, rend,
+                dx, ddt, dB, dC, dA, dD, rout,
+                seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks, every, plan.nchunks // every,
+                *_strides(x, dt, B, C),
+                CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p_bwd, BLOCK_N=plan.block_n,
+                HAS_D=D is not None, HAS_INIT=initial_state is not None, HAS_DSTATES=dstates is not None,
+                HAS_REND=rend is not None, STATE_ONLY=state_only, REVERSE=plan.reverse, DOT_F32=INTERPRET,
+                num_warps=plan.warps_bwd, num_stages=plan.stages_bwd)
+
+        rend = None
+        if plan.nseg > 1:  # each segment's own adjoint, then chained from the last segment back
+            launch(None, True)
+            rend = _pass(rout, logdecay, None, True)
+        launch(rend, False)
+        group_sum = lambda t: t.view(batch, seqlen, ngroups, -1, dstate).sum(3, dtype=torch.float32)
+        dinit = None if initial_state is None else rout[:, 0].to(initial_state.dtype)
+        return (dx, ddt.to(dt.dtype), dA.to(A.dtype), group_sum(dB).to(B.dtype), group_sum(dC).to(C.dtype),
+                None if D is None else dD.to(D.dtype), dinit, None, None)
+
+
+def _last_dim_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.compiler.disable
+def selective_scan(x, dt, A, B, C, D=None, initial_state=None, reverse=False, state_every=None):
+    """Mamba-2 selective scan. See the module docstring and DESIGN.md section 1.
+
+    x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads), positive; A: (nheads,), negative;
+    B, C: (batch, seqlen, ngroups, dstate); D: (nheads,) or None; initial_state: (batch, nheads, headdim,
+    dstate) or None. Returns y like x, or (y, states) with states (batch, seqlen // state_every, nheads,
+    headdim, dstate) in float32: the state after each state_every positions, in scan order.
+    CUDA tensors run the Triton kernels, as do CPU tensors under TRITON_INTERPRET=1; other CPU tensors
+    take the vectorised PyTorch path."""
+    _check_args(x, dt, A, B, C, D, initial_state, state_every, FLOAT_DTYPES)
+    if not (x.is_cuda or CPU_KERNELS):
+        return _scan_torch(x, dt, A, B, C, D, initial_state, reverse, state_every)
+    x, B, C = (_last_dim_contiguous(t) for t in (x, B, C))
+    A, D = A.contiguous(), None if D is None else D.contiguous()
+    initial_state = None if initial_state is None else initial_state.contiguous()
+    y, states = _SelectiveScan.apply(x, dt, A, B, C, D, initial_state, bool(reverse), state_every)
+    return y if state_every is None else (y, states)
