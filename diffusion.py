@@ -1,0 +1,201 @@
+"""
+Masked diffusion (MDLM): the noise schedule, masking, the training losses, the NELBO evaluation and the
+samplers, full-sequence and block by block.
+
+Forward process: each token is replaced by the mask token independently with probability t (the
+log-linear schedule: alpha_t = 1 - t), t in [eps, 1]. With the SUBS parameterisation the model never
+predicts the mask token and unmasked tokens are copied, so the negative ELBO per token is
+
+    NELBO = E_t E_xt [ (1 / t) * sum over masked positions of -log p(x0 | xt) ] / seqlen
+
+a bound on the negative log-likelihood in nats: exp(NELBO) bounds the perplexity. Block diffusion draws
+one t per block and weights each block by its own 1 / t.
+
+Sampling walks t from 1 to 0 in `steps` steps. From t to s, each masked token is revealed with
+probability (t - s) / t (ancestral), or the most confident ones are, as many as that would reveal on
+average (confidence). The model has no time input, so when no token changed its logits are reused.
+"""
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+EPS = 1e-3
+
+
+def sample_t(n, generator, device, t_lo=EPS, t_hi=1.0):
+    """n noise levels in [t_lo, t_hi], stratified (antithetic): one uniform draw per stratum of 1/n."""
+    u = (torch.rand(1, generator=generator, device=device) + torch.arange(n, device=device) / n) % 1
+    return t_lo + (t_hi - t_lo) * u
+
+
+def mask_tokens(x0, t, mask_id, generator):
+    """Replace each token of x0 (batch, seqlen) by mask_id with probability t (batch, seqlen)."""
+    move = torch.rand(x0.shape, generator=generator, device=x0.device) < t
+    return torch.where(move, mask_id, x0)
+
+
+def noise_levels(x0, block_len, generator, t_lo=EPS, t_hi=1.0):
+    """Per-token t: one per sequence, or with block_len one per block (constant within it)."""
+    batch, seqlen = x0.shape
+    per_row = seqlen // block_len if block_len else 1
+    t = sample_t(batch * per_row, generator, x0.device, t_lo, t_hi).view(batch, per_row)
+    return t.repeat_interleave(seqlen // per_row, dim=1)
+
+
+def diffusion_loss(logits, x0, xt, t, mask_id):
+    """The MDLM loss: mean over tokens of (1 / t) * [masked] * -log p(x0 | xt). t is per token."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
+    return (nll * (xt == mask_id) / t).sum() / x0.numel()
+
+
+def forward_loss(model, cfg, x0, generator, t_lo=EPS, t_hi=1.0):
+    """Noise x0, run the model (block mode sees the clean x0 too), return the loss. model may be wrapped
+    (DDP, torch.compile), so its config comes separately."""
+    t = noise_levels(x0, cfg.block_len, generator, t_lo, t_hi)
+    xt = mask_tokens(x0, t, cfg.vocab_size, generator)
+    logits = model(xt) if cfg.block_len is None else model(xt, x0=x0)
+    return diffusion_loss(logits, x0, xt, t, cfg.vocab_size)
+
+
+@torch.no_grad()
+def evaluate_nelbo(model, stream, seq_len, batch_size, n_batches, seed, rank=0, world=1, autocast=None):
+    """The NELBO of a token stream (a 1-d array of token ids): n_batches batches of windows evenly spaced
+    over it, batch i noised from seed + i, so every evaluation sees the same windows, t and masks.
+    With world > 1 this process takes batches rank, rank + world, ... Returns (total nats, tokens):
+    total / tokens is the per-token NELBO, and exp() of it the perplexity bound."""
+    device = next(model.parameters()).device
+    starts = np.linspace(0, len(stream) - seq_len, n_batches * batch_size).astype(np.int64)
+    total, count = 0.0, 0
+    for i in range(rank, n_batches, world):
+        x0 = torch.from_numpy(np.stack([stream[s:s + seq_len] for s in starts[i::n_batches]]).astype(np.int64)).to(device)
+        g = torch.Generator(device=device).manual_seed(seed + i)
+        with autocast or contextlib.nullcontext():
+            total += forward_loss(model, model.cfg, x0, g).item() * x0.numel()
+        count += x0.numel()
+    return total, count
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling
+
+
+def pick_tokens(logits, temperature, top_p, generator):
+    """Draw one token per row of logits (rows, vocab); returns (tokens, their probabilities).
+    Gumbel noise in float64: float32 Gumbel noise visibly lowers the diversity of samples."""
+    logits = logits.double()
+    if temperature == 0:
+        probs = torch.softmax(logits, -1)
+        tokens = probs.argmax(-1)
+        return tokens, probs.gather(-1, tokens[:, None])[:, 0]
+    logp = torch.log_softmax(logits / temperature, -1)
+    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+        sorted_logp, order = logp.sort(-1, descending=True)
+        outside = sorted_logp.exp().cumsum(-1) - sorted_logp.exp() >= top_p
+        logp = logp.scatter(-1, order, sorted_logp.masked_fill(outside, float("-inf")))
+        logp = torch.log_softmax(logp, -1)
+    u = torch.rand(logp.shape, generator=generator, device=logp.device, dtype=torch.float64)
+    tokens = (logp - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0].exp()
+
+
+def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator, rows_per_pick=256):
+    """Unmask x (batch, n) in place over `steps` steps; logits_fn(x) gives logits (batch, n, vocab).
+    Positions that are not masked at the start are kept. Returns the number of model calls."""
+    if reveal not in ("random", "confidence"):
+        raise ValueError(f"reveal must be 'random' or 'confidence', got {reveal!r}")
+    ts = torch.linspace(1, 0, steps + 1).tolist()
+    logits, calls = None, 0
+    for t, s in zip(ts[:-1], ts[1:]):
+        masked = x == mask_id
+        if not masked.any():
+            break
+        if logits is None:
+            logits = logits_fn(x)
+            calls += 1
+        rows = masked.nonzero(as_tuple=True)
+        chosen, conf = [], []
+        for i in range(0, rows[0].numel(), rows_per_pick):
+            tok, p = pick_tokens(logits[rows[0][i:i + rows_per_pick], rows[1][i:i + rows_per_pick]],
+                                 temperature, top_p, generator)
+            chosen.append(tok)
+            conf.append(p)
+        chosen, conf = torch.cat(chosen), torch.cat(conf)
+        if s == 0:  # the last step reveals everything
+            reveal_now = torch.ones_like(chosen, dtype=torch.bool)
+        elif reveal == "random":
+            reveal_now = torch.rand(chosen.shape, generator=generator, device=x.device) < (t - s) / t
+        else:  # the k most confident masked tokens of each row, k the expected number revealed
+            score = torch.full(x.shape, -1.0, dtype=torch.float64, device=x.device)
+            score[rows] = conf
+            k = torch.round(masked.sum(1) * (t - s) / t).long()
+            rank = score.argsort(1, descending=True).argsort(1)
+            reveal_now = (rank < k[:, None])[rows]
+        if reveal_now.any():
+            x[rows[0][reveal_now], rows[1][reveal_now]] = chosen[reveal_now]
+            logits = None  # the input changed: the next step needs new logits
+    return calls
+
+
+def _check_sampling(steps, temperature, top_p):
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def sample_full(model, template, steps, temperature=1.0, top_p=1.0, reveal="random", seed=0, autocast=None):
+    """Full-sequence MDLM sampling. template (batch, length): mask ids where text is to be generated
+    (all of it, or spans to infill), tokens elsewhere, which are kept. Returns (tokens, model calls)."""
+    if model.cfg.block_len is not None:
+        raise ValueError("sample_full needs a full-sequence model; this one has block_len="
+                         f"{model.cfg.block_len}: use sample_block")
+    _check_sampling(steps, temperature, top_p)
+    x = template.clone()
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    with autocast or contextlib.nullcontext():
+        calls = denoise(x, model, model.cfg.vocab_size, steps, temperature, top_p, reveal, generator)
+    return x, calls
+
+
+@torch.no_grad()
+def sample_block(model, prompt, length, steps_per_block, temperature=1.0, top_p=1.0, reveal="random", seed=0,
+                 stop_token=None, progress=False, autocast=None):
+    """Block diffusion with the cache: commit the prompt's whole blocks, then for each new block start all
+    masked (a prompt's last partial block stays fixed inside the first one), denoise it with
+    forward_block, commit it. Stops at `length` tokens, or once every row holds stop_token.
+    Returns (tokens (batch, <= length), model calls)."""
+    K = model.cfg.block_len
+    if K is None:
+        raise ValueError("sample_block needs a block-mode model (block_len=K); this one is full-sequence: "
+                         "use sample_full")
+    _check_sampling(steps_per_block, temperature, top_p)
+    batch, n_prompt = prompt.shape
+    if n_prompt > length:
+        raise ValueError(f"the prompt ({n_prompt} tokens) is longer than length ({length})")
+    mask_id = model.cfg.vocab_size
+    generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    start = n_prompt // K * K  # the first generated block starts here
+    nblocks = -(-(length - start) // K)
+    out = torch.full((batch, start + nblocks * K), mask_id, dtype=prompt.dtype, device=prompt.device)
+    out[:, :n_prompt] = prompt
+    calls, end = 0, length
+    with autocast or contextlib.nullcontext():
+        cache = model.new_cache(batch)
+        for b in range(start // K):
+            model.commit(out[:, b * K:(b + 1) * K], cache)
+        for b in tqdm(range(start // K, start // K + nblocks), desc="blocks", disable=not progress):
+            block = out[:, b * K:(b + 1) * K]  # a view: denoised in place
+            calls += denoise(block, lambda x: model.forward_block(x, cache), mask_id, steps_per_block,
+                             temperature, top_p, reveal, generator)
+            model.commit(block, cache)
+            if stop_token is not None and (out[:, n_prompt:(b + 1) * K] == stop_token).any(1).all():
+                end = min(length, (b + 1) * K)
+                break
+    return out[:, :end], calls
