@@ -140,9 +140,9 @@ class Mamba2(nn.Module):
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         w = self.conv_weight.shape[-1]
         tail = xBC.new_zeros(xBC.shape[0], w - 1, self.conv_dim) if tail is None else tail.to(xBC.dtype)
+        # forward: y_t = sum_j w_j x_{t-3+j}; reverse: y_t = sum_j w_j x_{t+j}, the next 3 positions
         padded = torch.cat([xBC, tail] if self.reverse else [tail, xBC], dim=1).transpose(1, 2)
-        weight = self.conv_weight.flip(-1) if self.reverse else self.conv_weight
-        xBC_conv = F.silu(F.conv1d(padded, weight.to(padded.dtype), self.conv_bias.to(padded.dtype),
+        xBC_conv = F.silu(F.conv1d(padded, self.conv_weight.to(padded.dtype), self.conv_bias.to(padded.dtype),
                                    groups=self.conv_dim).transpose(1, 2))
         x, B, C = xBC_conv.split([self.d_inner, self.ngroups * self.dstate, self.ngroups * self.dstate], dim=-1)
         out = selective_scan(x.unflatten(-1, (self.nheads, self.headdim)), F.softplus(dt.float() + self.dt_bias),
@@ -359,10 +359,11 @@ class DiffuMamba(nn.Module):
         device = self.embed.weight.device
         return Cache([b.mixer.new_entry(batch_size, device) for b in self.blocks], batch_size)
 
-    def _step(self, name, ids, cache, commit):
+    def _step(self, ids, cache, commit):
+        name, method = ("x0_block", "commit") if commit else ("xt_block", "forward_block")
         K = self.cfg.block_len
         if K is None:
-            raise ValueError(f"{name} needs a block-mode model (ModelConfig.block_len=K); this one is full-sequence")
+            raise ValueError(f"{method} needs a block-mode model (ModelConfig.block_len=K); this one is full-sequence")
         self.check_tokens(name, ids, allow_mask=not commit)
         if tuple(ids.shape) != (cache.batch_size, K):
             raise ValueError(f"{name} must have shape (batch={cache.batch_size}, block_len={K}), got {tuple(ids.shape)}")
@@ -373,11 +374,11 @@ class DiffuMamba(nn.Module):
 
     def forward_block(self, xt_block, cache):
         """Logits for one noisy block given everything committed; the cache is left as it was."""
-        return self.logits(self._step("xt_block", xt_block, cache, commit=False))
+        return self.logits(self._step(xt_block, cache, commit=False))
 
     def commit(self, x0_block, cache):
         """Advance the cache with a finished clean block; returns the cache."""
-        self._step("x0_block", x0_block, cache, commit=True)
+        self._step(x0_block, cache, commit=True)
         cache.length += self.cfg.block_len
         return cache
 

@@ -97,8 +97,8 @@ def main(argv=None):
         prompt = enc.encode(read_arg(args.prompt) or "", allowed_special={"<|endoftext|>"})
         if len(prompt) > args.length:
             raise ValueError(f"the prompt ({len(prompt)} tokens) is longer than --length ({args.length})")
-        steps = args.steps or args.length
-        steps_per_block = args.steps_per_block or cfg.block_len
+        steps = args.length if args.steps is None else args.steps
+        steps_per_block = cfg.block_len if args.steps_per_block is None else args.steps_per_block
         for name, v in (("--steps", steps), ("--steps_per_block", steps_per_block)):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
