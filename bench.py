@@ -3,25 +3,29 @@ Benchmarks, each a section chosen by flag; every figure comes with the card and 
 
     python bench.py --kernel        the selective scan alone: forward and forward+backward time, bandwidth,
                                     TFLOP/s and the fraction of the floor, against mamba_ssm if importable
-    python bench.py --infer         generated tokens/s of the six model variants, sequence lengths 1K-64K
+    python bench.py --infer         generated tokens/s of the six model variants, sequence lengths 1K-64K,
+                                    and a real 8K generation checked against the per-call figures
     python bench.py --train         training tokens/s, MFU and peak memory of the three archs
 
-Without a flag every section runs. --device=cpu with --tiny runs tiny sizes (a smoke test, not a benchmark).
-Results: a markdown table on stdout, and JSON (and PNG plots) under --out_dir.
+Without a flag every section runs. --device=cpu --tiny runs tiny sizes (a smoke test, not a benchmark).
+Results: markdown tables on stdout and in out_dir/bench.md, JSON in out_dir/bench.json, a PNG plot.
 """
 
 import argparse
+import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
-import scan_kernel
+from diffusion import forward_loss, sample_block, sample_full
+from model import DiffuMamba, preset_config
 from scan_kernel import selective_scan
+from train import flops_per_token, peak_flops
 
 try:  # an optional baseline, never a dependency
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -216,15 +220,275 @@ def kernel_table(rows):
 
 
 # ------------------------------------------------------------------------------------------------
+# inference: generated tokens/s of the six variants
+
+VARIANTS = [(arch, mode) for arch in ("transformer", "mamba", "hybrid") for mode in ("full", "block")]
+
+
+def inference_model(preset, arch, device):
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DiffuMamba(preset_config(preset, arch))
+    return model.bfloat16().eval()  # the same for every variant: bfloat16 weights, no autocast
+
+
+def filled_cache(model, batch, n):
+    """A cache that holds n committed tokens (random contents: the cost does not depend on them)."""
+    cache = model.new_cache(batch)
+    K = model.cfg.block_len
+    for block, entry in zip(model.blocks, cache.entries):
+        if "length" in entry:  # attention: keys and values of n tokens, room for the block
+            heads, hd = block.mixer.n_head, model.cfg.d_model // block.mixer.n_head
+            entry["k"], entry["v"] = (torch.randn(batch, heads, n + K, hd, device=model.embed.weight.device,
+                                                  dtype=torch.bfloat16) for _ in range(2))
+            entry["length"] = n
+        else:
+            entry["state"].normal_()
+            entry["tail"].normal_()
+    cache.length = n
+    return cache
+
+
+def time_call(fn, device, graph):
+    """(ms per call, eager or CUDA-graph replay); reps adapt to the call's length."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    once = (time.perf_counter() - t0) * 1e3
+    reps = int(min(20, max(3, 1500 / max(once, 1e-3))))
+    run = graphed(fn, device) if graph else fn
+    return median_ms(run, device, warmup=1, reps=reps)
+
+
+def bench_inference(args, device):
+    """Per-call times and tokens/s. Full-sequence: one call over all L tokens per r revealed tokens.
+    Block: one forward_block over K tokens (cache of L - K tokens) per r tokens, and one commit per block."""
+    K, r = args.block_len, args.reveal
+    rows = []
+    for arch in ("transformer", "mamba", "hybrid"):
+        model = inference_model(args.preset, arch, device)
+        base_cfg = model.cfg
+        for mode in ("full", "block"):
+            model.cfg = dataclasses.replace(base_cfg, block_len=None if mode == "full" else K)
+            for batch in args.batches:
+                last = None
+                for L in args.lengths:
+                    row = dict(arch=arch, mode=mode, variant=f"{arch}-{mode}", batch=batch, L=L)
+                    if last and last[1] * (L / last[0]) ** 2 > args.max_call_s * 1e3:
+                        row["skipped"] = f"est. {last[1] * (L / last[0]) ** 2 / 1e3:.0f} s/call"
+                        rows.append(row)
+                        continue
+                    try:
+                        with torch.no_grad():
+                            if mode == "full":
+                                x = torch.randint(0, base_cfg.vocab_size + 1, (batch, L), device=device)
+                                for graph in (False, True):
+                                    row["graph" if graph else "eager"] = time_call(lambda: model(x), device, graph)
+                                per = row["graph"]
+                                row["tok_s"] = batch * r / (per / 1e3)
+                                row["tok_s_eager"] = batch * r / (row["eager"] / 1e3)
+                            else:
+                                xb = torch.randint(0, base_cfg.vocab_size + 1, (batch, K), device=device)
+                                cache = filled_cache(model, batch, L - K)
+
+                                def commit():
+                                    cache.length = L - K
+                                    for e in cache.entries:
+                                        if "length" in e:
+                                            e["length"] = L - K
+                                    model.commit(xb.clamp(max=base_cfg.vocab_size - 1), cache)
+                                for graph in (False, True):
+                                    tag = "graph" if graph else "eager"
+                                    row[tag] = time_call(lambda: model.forward_block(xb, cache), device, graph)
+                                    row[tag + "_commit"] = time_call(commit, device, graph)
+                                for tag, key in (("graph", "tok_s"), ("eager", "tok_s_eager")):
+                                    row[key] = batch * K / (((K / r) * row[tag] + row[tag + "_commit"]) / 1e3)
+                        last = (L, row["graph"])
+                    except torch.cuda.OutOfMemoryError:
+                        row["skipped"] = "out of memory"
+                    rows.append(row)
+                    torch.cuda.empty_cache() if device.type == "cuda" else None
+                    print(f"{row['variant']:18s} batch {batch} L {L:6d}: " + (row.get("skipped") or
+                          f"{row['tok_s']:10,.0f} tok/s (graph {row['graph']:.2f} ms, eager {row['eager']:.2f} ms)"),
+                          flush=True)
+        del model
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    return rows
+
+
+def end_to_end(args, device, rows):
+    """Generate L tokens for real with DiffuMamba, block by block and full-sequence (fewer steps), eager;
+    compare the wall time with what the eager per-call times predict."""
+    L, K = args.e2e_len, args.block_len
+    model = inference_model(args.preset, "mamba", device)
+    base_cfg = model.cfg
+    per = {(r["mode"], r["batch"], r["L"]): r for r in rows if r["arch"] == "mamba" and "eager" in r}
+    out = []
+    for mode, steps in (("block", args.e2e_steps_per_block), ("full", args.e2e_steps)):
+        model.cfg = dataclasses.replace(base_cfg, block_len=None if mode == "full" else K)
+        ref = per.get((mode, 1, L))
+        if ref is None:
+            continue
+        prompt = torch.zeros(1, 0, dtype=torch.long, device=device)
+        for warm in (True, False):
+            sync(device)
+            t0 = time.perf_counter()
+            if mode == "block":
+                tokens, calls = sample_block(model, prompt, L, steps, seed=0)
+                commits = L // K
+                predicted = calls * ref["eager"] + commits * ref["eager_commit"]
+            else:
+                tokens, calls = sample_full(model, torch.full((1, L), base_cfg.vocab_size, device=device), steps, seed=0)
+                commits = 0
+                predicted = calls * ref["eager"]
+            sync(device)
+            wall = (time.perf_counter() - t0) * 1e3
+        out.append(dict(mode=mode, L=L, steps=steps, calls=calls, commits=commits, wall_ms=wall,
+                        predicted_ms=predicted, error=wall / predicted - 1))
+        print(f"end to end mamba-{mode} L={L}: {calls} calls + {commits} commits, {wall / 1e3:.2f} s measured, "
+              f"{predicted / 1e3:.2f} s predicted ({wall / predicted - 1:+.1%})", flush=True)
+    return out
+
+
+def inference_tables(rows, args):
+    lines = []
+    for batch in args.batches:
+        lines += [f"\n### generated tokens/s, batch {batch}, {args.reveal} token(s) revealed per call, block_len "
+                  f"{args.block_len} (CUDA graphs; eager in the JSON)\n",
+                  "| variant | " + " | ".join(f"{L // 1024}K" for L in args.lengths) + " |",
+                  "|---|" + "---|" * len(args.lengths)]
+        cell = {(r["variant"], r["L"]): r for r in rows if r["batch"] == batch}
+        for arch, mode in VARIANTS:
+            v = f"{arch}-{mode}"
+            lines.append(f"| {v} | " + " | ".join(
+                (f"{cell[v, L]['tok_s']:,.0f}" if "tok_s" in cell.get((v, L), {}) else cell.get((v, L), {}).get("skipped", "-"))
+                for L in args.lengths) + " |")
+        for base in ("transformer-full", "transformer-block"):
+            lines += [f"\nspeedup over {base}, batch {batch}:\n",
+                      "| variant | " + " | ".join(f"{L // 1024}K" for L in args.lengths) + " |",
+                      "|---|" + "---|" * len(args.lengths)]
+            for arch, mode in VARIANTS:
+                v = f"{arch}-{mode}"
+                vals = []
+                for L in args.lengths:
+                    a, b = cell.get((v, L), {}), cell.get((base, L), {})
+                    vals.append(f"{a['tok_s'] / b['tok_s']:.1f}x" if "tok_s" in a and "tok_s" in b else "-")
+                lines.append(f"| {v} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, args, info, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (arch, mode) in enumerate(VARIANTS):
+        for batch, style in zip(args.batches, ("-", "--")):
+            pts = [(r["L"], r["tok_s"]) for r in rows if r["variant"] == f"{arch}-{mode}" and r["batch"] == batch and "tok_s" in r]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", color=f"C{i}", label=f"{arch}-{mode}, batch {batch}")
+    ax.set(xscale="log", yscale="log", xlabel="sequence length L (tokens)", ylabel="generated tokens/s",
+           title=f"{args.preset} preset, {info['card']}")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# training: tokens/s of forward + backward + optimizer step
+
+
+def bench_training(args, device, info):
+    rows = []
+    peak = peak_flops(device)
+    for arch in ("transformer", "mamba", "hybrid"):
+        for L in args.train_lengths:
+            batch = max(1, args.train_tokens // L)
+            row = dict(arch=arch, L=L, batch=batch)
+            try:
+                torch.manual_seed(0)
+                with torch.device(device):
+                    model = DiffuMamba(preset_config(args.preset, arch))
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+                x0 = torch.randint(0, model.cfg.vocab_size, (batch, L), device=device)
+                g = torch.Generator(device=device).manual_seed(0)
+                autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+                def step():
+                    with autocast:
+                        loss = forward_loss(model, model.cfg, x0, g)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                ms = median_ms(step, device, warmup=2, reps=5)
+                row.update(ms=ms, tok_s=batch * L / (ms / 1e3))
+                row["mfu"] = flops_per_token(model, model.cfg, L) * row["tok_s"] / peak if peak else None
+                if device.type == "cuda":
+                    row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+                del model, opt
+            except torch.cuda.OutOfMemoryError:
+                row["skipped"] = "out of memory"
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+            rows.append(row)
+            print(f"train {arch:12s} L {L:6d} batch {batch:3d}: " + (row.get("skipped") or
+                  f"{row['tok_s']:10,.0f} tok/s, {row['ms']:.1f} ms/step"), flush=True)
+    return rows
+
+
+def training_table(rows, args):
+    lines = [f"\n### training, {args.preset} preset, {args.train_tokens} tokens per batch, bfloat16 autocast, AdamW\n",
+             "| arch | seqlen | batch | tokens/s | ms/step | MFU | peak memory |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['arch']} | {r['L']} | {r['batch']} | {r['skipped']} | | | |")
+        else:
+            mfu = f"{r['mfu']:.0%}" if r.get("mfu") else "n/a"
+            mem = f"{r['peak_GiB']:.1f} GiB" if "peak_GiB" in r else "n/a"
+            lines.append(f"| {r['arch']} | {r['L']} | {r['batch']} | {r['tok_s']:,.0f} | {r['ms']:.1f} | {mfu} | {mem} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", action="store_true", help="time the selective scan kernel (train, wide, long, block-step shapes)")
+    p.add_argument("--kernel", action="store_true", help="the selective scan alone (train, wide, long and "
+                   "block-step shapes): forward and forward+backward ms, GB/s, TFLOP/s, fraction of the floor")
+    p.add_argument("--infer", action="store_true", help="generated tokens/s of the six variants over --lengths, "
+                   "then a real generation of --e2e_len tokens checked against the per-call figures")
+    p.add_argument("--train", action="store_true", help="training tokens/s, MFU and peak memory of the three archs")
+    p.add_argument("--preset", default="1.3b", help="model size for --infer and --train (random weights)")
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--block_len", type=int, default=64)
+    p.add_argument("--reveal", type=int, default=1, help="tokens revealed per model call, every variant alike")
+    p.add_argument("--max_call_s", type=float, default=4.0, help="skip a cell whose call would take longer")
+    p.add_argument("--e2e_len", type=int, default=8192)
+    p.add_argument("--e2e_steps_per_block", type=int, default=8)
+    p.add_argument("--e2e_steps", type=int, default=64)
+    p.add_argument("--train_lengths", default="2048,8192,32768")
+    p.add_argument("--train_tokens", type=int, default=32768, help="tokens per training batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke test of the bench itself")
     p.add_argument("--out_dir", default="bench_out", help="where the JSON and PNG files go")
     args = p.parse_args()
+    args.lengths = [int(v) for v in args.lengths.split(",")]
+    args.batches = [int(v) for v in args.batches.split(",")]
+    args.train_lengths = [int(v) for v in args.train_lengths.split(",")]
+    if args.tiny:
+        args.preset, args.lengths, args.batches, args.block_len = "tiny", [64, 128], [1], 16
+        args.e2e_len, args.e2e_steps, args.e2e_steps_per_block = 128, 8, 4
+        args.train_lengths, args.train_tokens = [64, 128], 256
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -232,12 +496,31 @@ def main():
     ceil = ceilings(device)
     print(f"# {info['card']}  torch {info['torch']}  triton {info.get('triton')}  "
           f"copy {ceil['copy_GBps']:.0f} GB/s  bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
-    results = dict(machine=info, ceilings=ceil)
-    run_all = not args.kernel
-    if args.kernel or run_all:
+    results = dict(machine=info, ceilings=ceil, args={k: v for k, v in vars(args).items()})
+    every = not (args.kernel or args.infer or args.train)
+    report = [f"card: {info['card']}; torch {info['torch']}, triton {info.get('triton')}, python {info['python']}"]
+    if args.kernel or every:
         results["kernel"] = bench_kernel(args, device, ceil)
-        print("\n## selective scan, bfloat16, headdim 64, dstate 128\n")
-        print(kernel_table(results["kernel"]))
+        report += ["\n### selective scan, bfloat16, headdim 64, dstate 128\n", kernel_table(results["kernel"])]
+    if args.infer or every:
+        results["inference"] = bench_inference(args, device)
+        results["end_to_end"] = end_to_end(args, device, results["inference"])
+        report.append(inference_tables(results["inference"], args))
+        report.append("\n| end to end (DiffuMamba, eager) | model calls | commits | measured s | predicted s | error |\n"
+                      "|---|---|---|---|---|---|\n" + "\n".join(
+                          f"| {e['mode']}, L={e['L']}, {e['steps']} steps{' per block' if e['mode'] == 'block' else ''} "
+                          f"| {e['calls']} | {e['commits']} | {e['wall_ms'] / 1e3:.2f} | {e['predicted_ms'] / 1e3:.2f} "
+                          f"| {e['error']:+.1%} |" for e in results["end_to_end"]))
+        png = plot(results["inference"], args, info, os.path.join(args.out_dir, "inference.png"))
+        if png:
+            report.append(f"\nplot: {png}")
+    if args.train or every:
+        results["training"] = bench_training(args, device, info)
+        report.append(training_table(results["training"], args))
+    os.makedirs(args.out_dir, exist_ok=True)
+    print("\n" + "\n".join(report))
+    with open(os.path.join(args.out_dir, "bench.md"), "w") as f:
+        f.write("\n".join(report) + "\n")
     print("\nwrote", write_json(args.out_dir, "bench.json", results))
 
 

@@ -79,6 +79,25 @@ def evaluate_nelbo(model, stream, seq_len, batch_size, n_batches, seed, rank=0, 
     return total, count
 
 
+@torch.no_grad()
+def infill_accuracy(model, stream, seq_len, batch_size, n_batches, mask_frac, seed, autocast=None):
+    """Mask a fraction of the tokens of held-out windows at random; the fraction of masked tokens whose
+    argmax prediction is right. A block-mode model sees the clean text as its left context (model(xt, x0))."""
+    device = next(model.parameters()).device
+    starts = np.linspace(0, len(stream) - seq_len, n_batches * batch_size).astype(np.int64)
+    right, total = 0, 0
+    for i in range(n_batches):
+        x0 = torch.from_numpy(np.stack([stream[s:s + seq_len] for s in starts[i::n_batches]]).astype(np.int64)).to(device)
+        g = torch.Generator(device=device).manual_seed(seed + i)
+        xt = mask_tokens(x0, torch.full(x0.shape, mask_frac, device=device), model.cfg.vocab_size, g)
+        with autocast or contextlib.nullcontext():
+            logits = model(xt) if model.cfg.block_len is None else model(xt, x0=x0)
+        masked = xt == model.cfg.vocab_size
+        right += (logits.argmax(-1) == x0)[masked].sum().item()
+        total += masked.sum().item()
+    return right / max(total, 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # sampling
 

@@ -190,7 +190,8 @@ class BiMamba(nn.Module):
         y, states, xBC = self.fwd(u, entry["tail"], entry["state"], state_every=u.shape[1] if commit else None)
         if commit:
             entry["state"] = states[:, -1]
-            entry["tail"] = torch.cat([entry["tail"].to(xBC.dtype), xBC], dim=1)[:, -entry["tail"].shape[1]:].float()
+            window = torch.cat([entry["tail"].to(xBC.dtype), xBC], dim=1)
+            entry["tail"] = window[:, window.shape[1] - entry["tail"].shape[1]:].float()
         return y + self.bwd(u)[0]
 
     def new_entry(self, batch, device):
@@ -365,6 +366,9 @@ class DiffuMamba(nn.Module):
         if K is None:
             raise ValueError(f"{method} needs a block-mode model (ModelConfig.block_len=K); this one is full-sequence")
         self.check_tokens(name, ids, allow_mask=not commit)
+        if len(cache.entries) != len(self.blocks):
+            raise ValueError(f"this cache has {len(cache.entries)} layers, the model {len(self.blocks)}: "
+                             "make it with this model's new_cache")
         if tuple(ids.shape) != (cache.batch_size, K):
             raise ValueError(f"{name} must have shape (batch={cache.batch_size}, block_len={K}), got {tuple(ids.shape)}")
         u = self.embed(ids)

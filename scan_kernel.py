@@ -35,7 +35,9 @@ main pass starts every segment from its true state.
 reverse=True runs the same kernels with position i read from seqlen - 1 - i.
 """
 
+import numbers
 import os
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -81,7 +83,7 @@ def _check_args(x, dt, A, B, C, D, initial_state, state_every, dtypes):
     if nheads % ngroups:
         raise ValueError(f"nheads ({nheads}) must be divisible by ngroups ({ngroups}, B.shape[2])")
     if state_every is not None:
-        if isinstance(state_every, bool) or not isinstance(state_every, int) or state_every < 1:
+        if isinstance(state_every, bool) or not isinstance(state_every, numbers.Integral) or state_every < 1:
             raise ValueError(f"state_every must be None or a positive int, got {state_every!r}")
         if seqlen % state_every:
             raise ValueError(f"state_every ({state_every}) must divide seqlen ({seqlen})")
@@ -115,13 +117,13 @@ CHUNK = 32  # positions per chunk: measured best on an H200 (bench.py, README), 
 
 
 def _chunk_len(seqlen, state_every):
-    """Chunk length: CHUNK, or a divisor of state_every so that every returned state ends a chunk."""
+    """Chunk length: CHUNK, or the largest divisor of state_every up to 64 (tiles of 64 rows or fewer fit
+    in shared memory in float32), so that every returned state ends a chunk."""
     if state_every is None:
         return min(CHUNK, max(16, triton.next_power_of_2(seqlen)))
     if state_every % CHUNK == 0:
         return CHUNK
-    d = max(d for d in range(1, CHUNK + 1) if state_every % d == 0)
-    return state_every if d < 16 and state_every <= 128 else d
+    return max(d for d in range(1, 65) if state_every % d == 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,23 +137,24 @@ def _scan_torch(x, dt, A, B, C, D, initial_state, reverse, state_every):
     L = _chunk_len(seqlen, state_every)
     nc = -(-seqlen // L)
     pad = nc * L - seqlen
+    f = torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    def prep(t):  # scan order, float32, padded with zeros (dt = 0 there: the state passes unchanged)
+    def prep(t):  # scan order, float32 (float64 for float64), padded with zeros (dt = 0: the state passes)
         t = t.flip(1) if reverse else t
-        return torch.nn.functional.pad(t.float(), (0, 0) * (t.dim() - 2) + (0, pad))
+        return torch.nn.functional.pad(t.to(f), (0, 0) * (t.dim() - 2) + (0, pad))
 
     xs = prep(x).view(batch, nc, L, ngroups, r, headdim)
     dts = prep(dt).view(batch, nc, L, ngroups, r)
     Bs = prep(B).view(batch, nc, L, ngroups, dstate)
     Cs = prep(C).view(batch, nc, L, ngroups, dstate)
-    cs = torch.cumsum(dts * A.float().view(ngroups, r), dim=2)  # (b, nc, L, g, r)
+    cs = torch.cumsum(dts * A.to(f).view(ngroups, r), dim=2)  # (b, nc, L, g, r)
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[:, :, None, None]
     M = torch.exp((cs[:, :, :, None] - cs[:, :, None, :]).masked_fill(~causal, float("-inf")))
     W = torch.einsum("bctgn,bcsgn->bctsg", Cs, Bs)[..., None] * M * dts[:, :, None]
     y = torch.einsum("bctsgr,bcsgrp->bctgrp", W, xs)
     local = torch.einsum("bcsgr,bcsgrp,bcsgn->bcgrpn", torch.exp(cs[:, :, -1:] - cs) * dts, xs, Bs)
-    state = (x.new_zeros(batch, ngroups, r, headdim, dstate, dtype=torch.float32) if initial_state is None
-             else initial_state.float().view(batch, ngroups, r, headdim, dstate))
+    state = (x.new_zeros(batch, ngroups, r, headdim, dstate, dtype=f) if initial_state is None
+             else initial_state.to(f).view(batch, ngroups, r, headdim, dstate))
     starts, ends = [], []
     for c in range(nc):
         starts.append(state)
@@ -161,7 +164,7 @@ def _scan_torch(x, dt, A, B, C, D, initial_state, reverse, state_every):
     y = y.reshape(batch, nc * L, nheads, headdim)[:, :seqlen]
     y = y.flip(1) if reverse else y
     if D is not None:
-        y = y + D.float()[:, None] * x.float()
+        y = y + D.to(f)[:, None] * x.to(f)
     y = y.to(x.dtype)
     if state_every is None:
         return y
@@ -206,10 +209,10 @@ def _scan_fwd_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mask_pn = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
-    x_base = x_ptr + b.to(tl.int64) * sx_b + h * sx_h
-    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + h * sdt_h
-    B_base = B_ptr + b.to(tl.int64) * sB_b + g * sB_g
-    C_base = C_ptr + b.to(tl.int64) * sC_b + g * sC_g
+    x_base = x_ptr + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
+    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + h.to(tl.int64) * sdt_h
+    B_base = B_ptr + b.to(tl.int64) * sB_b + g.to(tl.int64) * sB_g
+    C_base = C_ptr + b.to(tl.int64) * sC_b + g.to(tl.int64) * sC_g
     pn = offs_p[:, None] * dstate + offs_n[None, :]
     A = tl.load(A_ptr + h).to(tl.float32)
 
@@ -281,10 +284,10 @@ def _scan_bwd_kernel(
     mask_pn = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
     pn = offs_p[:, None] * dstate + offs_n[None, :]
     PN = headdim * dstate
-    x_base = x_ptr + b.to(tl.int64) * sx_b + h * sx_h
-    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + h * sdt_h
-    B_base = B_ptr + b.to(tl.int64) * sB_b + g * sB_g
-    C_base = C_ptr + b.to(tl.int64) * sC_b + g * sC_g
+    x_base = x_ptr + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
+    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + h.to(tl.int64) * sdt_h
+    B_base = B_ptr + b.to(tl.int64) * sB_b + g.to(tl.int64) * sB_g
+    C_base = C_ptr + b.to(tl.int64) * sC_b + g.to(tl.int64) * sC_g
     dy_base = dy_ptr + b.to(tl.int64) * seqlen * nheads * headdim + h * headdim
     dx_base = dx_ptr + b.to(tl.int64) * seqlen * nheads * headdim + h * headdim
     ddt_base = ddt_ptr + b.to(tl.int64) * seqlen * nheads + h
@@ -416,7 +419,7 @@ class _Plan:
         self.stages, self.stages_bwd = 2, 1
         # a program walks seg_chunks chunks in sequence; segments run in parallel, chained by _pass_kernel.
         # Longer segments move fewer states; shorter ones give more programs when batch * nheads is small.
-        self.seg_chunks = 8 if batch * nheads >= 128 else 16
+        self.seg_chunks = max(8 if batch * nheads >= 128 else 16, -(-self.nchunks // 65535))  # grid axis limit
         self.nseg = -(-self.nchunks // self.seg_chunks)
 
 
@@ -544,5 +547,7 @@ def selective_scan(x, dt, A, B, C, D=None, initial_state=None, reverse=False, st
     x, B, C = (_last_dim_contiguous(t) for t in (x, B, C))
     A, D = A.contiguous(), None if D is None else D.contiguous()
     initial_state = None if initial_state is None else initial_state.contiguous()
-    y, states = _SelectiveScan.apply(x, dt, A, B, C, D, initial_state, bool(reverse), state_every)
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():  # Triton launches on the current device
+        y, states = _SelectiveScan.apply(x, dt, A, B, C, D, initial_state, bool(reverse),
+                                         None if state_every is None else int(state_every))
     return y if state_every is None else (y, states)

@@ -72,7 +72,13 @@ def run_scan(fn, inputs, reverse, state_every, dy, dstates, cast=None):
     return dict(y=y, states=states, **{"d" + k: g for k, g in zip(leaves, grads)})
 
 
-def check_scan(inputs, reverse=False, state_every=None, tol=None, fn=selective_scan):
+def chunked_ref(x, dt, A, B, C, D=None, initial_state=None, reverse=False, state_every=None):
+    """The vectorised PyTorch path in float64: a fast reference for long sequences (checked against the
+    loop by test_torch_path_matches_reference)."""
+    return scan_kernel._scan_torch(x, dt, A, B, C, D, initial_state, reverse, state_every)
+
+
+def check_scan(inputs, reverse=False, state_every=None, tol=None, fn=selective_scan, ref_fn=selective_scan_ref):
     """Compare fn's outputs and gradients with the float64 reference."""
     x = inputs["x"]
     batch, seqlen, nheads, headdim = x.shape
@@ -82,7 +88,7 @@ def check_scan(inputs, reverse=False, state_every=None, tol=None, fn=selective_s
         dstates = torch.randn(batch, seqlen // state_every, nheads, headdim, inputs["B"].shape[-1],
                               device=x.device, dtype=torch.float64)
     out = run_scan(fn, inputs, reverse, state_every, dy, dstates)
-    ref = run_scan(selective_scan_ref, inputs, reverse, state_every, dy, dstates, cast=lambda t: t.double())
+    ref = run_scan(ref_fn, inputs, reverse, state_every, dy, dstates, cast=lambda t: t.double())
     assert out["y"].dtype == x.dtype and out["y"].shape == x.shape
     if state_every is not None:
         assert out["states"].dtype == torch.float32 and out["states"].shape == dstates.shape
@@ -237,7 +243,7 @@ def test_scan_bad_inputs():
                                                        (torch.bfloat16, False, 64)])
 def test_gpu_long_sequence(dtype, reverse, state_every):
     inputs = scan_inputs(2, 8192, 4, 64, 1, 128, dtype, D=True, init=True)
-    check_scan(inputs, reverse, state_every)
+    check_scan(inputs, reverse, state_every, ref_fn=chunked_ref)
 
 
 @gpu
@@ -246,7 +252,7 @@ def test_gpu_extreme_dt():
     inputs = scan_inputs(1, 16384, 4, 64, 1, 64, torch.bfloat16, dt_range=(1e-4, 10.0))
     with torch.no_grad():
         inputs["A"].copy_(-torch.exp(torch.linspace(-2, 2, 4)))
-    out = check_scan(inputs, reverse=False, state_every=64)
+    out = check_scan(inputs, reverse=False, state_every=64, ref_fn=chunked_ref)
     assert all(torch.isfinite(v).all() for v in out.values() if v is not None)
 
 
@@ -329,6 +335,21 @@ def test_block_cache_is_exact(arch, torch_scan):
     xt, x0 = noisy_pair(2, 48, 97)
     with torch.no_grad():
         assert rel_err(cached_logits(model, xt, x0), model(xt, x0=x0)) < 1e-5
+
+
+@pytest.mark.parametrize("arch,K,d_conv", [("mamba", 3, 1), ("mamba", 2, 4), ("hybrid", 5, 2)])
+def test_block_cache_is_exact_for_odd_shapes(arch, K, d_conv, torch_scan):
+    # blocks shorter than the conv window, a conv of width 1, blocks that are no power of two
+    model = small_model(arch, block_len=K, d_conv=d_conv)
+    xt, x0 = noisy_pair(2, 6 * K, 97)
+    with torch.no_grad():
+        assert rel_err(cached_logits(model, xt, x0), model(xt, x0=x0)) < 1e-5
+
+
+def test_chunks_fit_any_block_length():
+    for K in list(range(1, 200)) + [1000, 4096]:
+        c = scan_kernel._chunk_len(10 * K, K)
+        assert K % c == 0 and c <= 64
 
 
 def test_block_cache_is_exact_through_the_kernels():

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from diffusion import EPS, evaluate_nelbo, forward_loss
+from diffusion import EPS, evaluate_nelbo, forward_loss, infill_accuracy
 from model import ARCHS, PRESETS, DiffuMamba, ModelConfig, preset_config
 
 # Resuming: where and how to run comes from the command line; these may be changed, and keep the run's
@@ -52,7 +52,7 @@ def parse_args(argv):
     p.add_argument("--seq_len", type=int, default=None, help="default: 512 on a GPU, 128 on a CPU")
     p.add_argument("--batch_size", type=int, default=None, help="sequences per micro-step (default: 32 GPU, 8 CPU)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per iteration, over all processes")
-    p.add_argument("--max_iters", type=int, default=None, help="default: 2500 on a GPU, 150 on a CPU")
+    p.add_argument("--max_iters", type=int, default=None, help="default: 1200 on a GPU, 150 on a CPU")
     p.add_argument("--lr_decay_iters", type=int, default=None, help="length of the cosine schedule (default: max_iters)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min_lr", type=float, default=1e-4)
@@ -78,7 +78,7 @@ def parse_args(argv):
 def resolve(args, gpu):
     """Fill the device-dependent defaults."""
     defaults = dict(preset="small" if gpu else "tiny", seq_len=512 if gpu else 128, batch_size=32 if gpu else 8,
-                    max_iters=2500 if gpu else 150)
+                    max_iters=1200 if gpu else 150)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -324,8 +324,14 @@ def main(argv=None):
     bar.close()
     if master:
         checkpoint(args.max_iters)
+        raw.eval()
+        acc = {f"infill_acc_{round(100 * f)}": infill_accuracy(raw, val_stream, args.seq_len, args.batch_size,
+                                                               args.eval_iters, f, args.seed + 2, autocast)
+               for f in (0.15, 0.5)}
+        log(iter=args.max_iters, **acc)
         if val is not None:
             print(f"done: {args.max_iters} iters; val NELBO {val:.4f} nats/token, perplexity bound {math.exp(val):.2f}; "
+                  f"infilling accuracy {acc['infill_acc_15']:.1%} (15% masked), {acc['infill_acc_50']:.1%} (50%); "
                   f"checkpoint {ckpt_path}")
     if ddp:
         dist.destroy_process_group()

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The quality study (README, "Quality"): DiffuMamba, DiffuMamba-H and the Transformer at the small preset,
+# full-sequence with two seeds and block diffusion (block_len=64) with one, all on the built-in corpus with
+# the same tokens and optimiser settings (train.py's defaults on a GPU), then the table and the plot.
+#     bash study.sh [runs_dir] [more train.py flags]
+set -euo pipefail
+runs=${1:-runs}
+shift || true
+for seed in 1337 1338; do
+  for arch in transformer mamba hybrid; do
+    python train.py --preset=small --arch=$arch --seed=$seed --out_dir=$runs/$arch-full-s$seed "$@"
+  done
+done
+for arch in transformer mamba hybrid; do
+  python train.py --preset=small --arch=$arch --block_len=64 --seed=1337 --out_dir=$runs/$arch-block64-s1337 "$@"
+done
+python - "$runs" <<'PY'
+import glob, json, math, os, statistics, sys
+runs = sys.argv[1]
+rows = {}
+for path in sorted(glob.glob(f"{runs}/*/log.jsonl")):
+    log = [json.loads(line) for line in open(path)]
+    evals = [r for r in log if "val_nelbo" in r]
+    speed = [r["tok_s"] for r in log if "tok_s" in r]
+    speed = speed[2:] or speed  # past the first logs, which include start-up
+    infill = next(r for r in log if "infill_acc_15" in r)
+    rows[os.path.basename(os.path.dirname(path))] = dict(
+        nelbo=evals[-1]["val_nelbo"], tokens=evals[-1]["tokens"], tok_s=statistics.median(speed), curve=evals,
+        acc15=infill["infill_acc_15"], acc50=infill["infill_acc_50"])
+print("| model | val NELBO (nats/token) | perplexity bound | infill acc. 15% | infill acc. 50% | train tokens/s |")
+print("|---|---|---|---|---|---|")
+for name, r in rows.items():
+    print(f"| {name} | {r['nelbo']:.3f} | {math.exp(r['nelbo']):.1f} | {r['acc15']:.1%} | {r['acc50']:.1%} | {r['tok_s']:,.0f} |")
+for arch in ("transformer", "mamba", "hybrid"):
+    seeds = [rows[k]["nelbo"] for k in rows if k.startswith(f"{arch}-full-s")]
+    if len(seeds) > 1:
+        print(f"{arch} full: NELBO {statistics.mean(seeds):.3f} +- {statistics.stdev(seeds):.3f} over {len(seeds)} seeds")
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, arch in enumerate(("transformer", "mamba", "hybrid")):
+        for mode, style in (("full-s1337", "-"), ("block64-s1337", "--")):
+            r = rows.get(f"{arch}-{mode}")
+            if r:
+                ax.plot([e["tokens"] / 1e6 for e in r["curve"]], [e["val_nelbo"] for e in r["curve"]], style,
+                        color=f"C{i}", marker=".", label=f"{arch} {mode.split('-')[0]}")
+    ax.set(xlabel="training tokens (M)", ylabel="val NELBO (nats/token)", title="small preset, built-in corpus")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(f"{runs}/val_loss.png", dpi=120)
+    print(f"plot: {runs}/val_loss.png")
+except ImportError:
+    pass
+PY
