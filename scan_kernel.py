@@ -117,13 +117,11 @@ CHUNK = 32  # positions per chunk: measured best on an H200 (bench.py, README), 
 
 
 def _chunk_len(seqlen, state_every):
-    """Chunk length: CHUNK, or the largest divisor of state_every up to 64 (tiles of 64 rows or fewer fit
-    in shared memory in float32), so that every returned state ends a chunk."""
+    """Chunk length: CHUNK, or the largest divisor of state_every up to CHUNK, so that every returned state
+    ends a chunk. (Tiles of 64 rows with float32 inputs failed on an H200: keep to 32.)"""
     if state_every is None:
         return min(CHUNK, max(16, triton.next_power_of_2(seqlen)))
-    if state_every % CHUNK == 0:
-        return CHUNK
-    return max(d for d in range(1, 65) if state_every % d == 0)
+    return max(d for d in range(1, CHUNK + 1) if state_every % d == 0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def parse_args(argv):
     p.add_argument("--seq_len", type=int, default=None, help="default: 512 on a GPU, 128 on a CPU")
     p.add_argument("--batch_size", type=int, default=None, help="sequences per micro-step (default: 32 GPU, 8 CPU)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per iteration, over all processes")
-    p.add_argument("--max_iters", type=int, default=None, help="default: 1200 on a GPU, 150 on a CPU")
+    p.add_argument("--max_iters", type=int, default=None, help="default: 600 on a GPU, 150 on a CPU")
     p.add_argument("--lr_decay_iters", type=int, default=None, help="length of the cosine schedule (default: max_iters)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min_lr", type=float, default=1e-4)
@@ -78,7 +78,7 @@ def parse_args(argv):
 def resolve(args, gpu):
     """Fill the device-dependent defaults."""
     defaults = dict(preset="small" if gpu else "tiny", seq_len=512 if gpu else 128, batch_size=32 if gpu else 8,
-                    max_iters=1200 if gpu else 150)
+                    max_iters=600 if gpu else 150)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -172,7 +172,8 @@ def main(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" and ddp else args.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if ddp:
+            torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if ddp:
