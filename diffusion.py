@@ -102,28 +102,31 @@ def infill_accuracy(model, stream, seq_len, batch_size, n_batches, mask_frac, se
 # sampling
 
 
-def pick_tokens(logits, temperature, top_p, generator):
-    """Draw one token per row of logits (rows, vocab); returns (tokens, their probabilities).
+def pick_tokens(logits, temperature, top_p, generator, rows_at_once=256):
+    """Draw one token per row of logits (rows, vocab); returns the tokens and their probabilities.
     Gumbel noise in float64: float32 Gumbel noise visibly lowers the diversity of samples."""
-    logits = logits.double()
-    if temperature == 0:
-        probs = torch.softmax(logits, -1)
-        tokens = probs.argmax(-1)
-        return tokens, probs.gather(-1, tokens[:, None])[:, 0]
-    logp = torch.log_softmax(logits / temperature, -1)
-    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-        sorted_logp, order = logp.sort(-1, descending=True)
-        outside = sorted_logp.exp().cumsum(-1) - sorted_logp.exp() >= top_p
-        logp = logp.scatter(-1, order, sorted_logp.masked_fill(outside, float("-inf")))
-        logp = torch.log_softmax(logp, -1)
-    u = torch.rand(logp.shape, generator=generator, device=logp.device, dtype=torch.float64)
-    tokens = (logp - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0].exp()
+    tokens, probs = [], []
+    for chunk in logits.double().split(rows_at_once):  # bounds the float64 copies
+        logp = torch.log_softmax(chunk / (temperature or 1.0), -1)  # greedy: confidence at temperature 1
+        if temperature == 0:
+            tok = logp.argmax(-1)
+        else:
+            if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+                sorted_logp, order = logp.sort(-1, descending=True)
+                outside = sorted_logp.exp().cumsum(-1) - sorted_logp.exp() >= top_p
+                logp = torch.log_softmax(logp.scatter(-1, order, sorted_logp.masked_fill(outside, float("-inf"))), -1)
+            u = torch.rand(logp.shape, generator=generator, device=logp.device, dtype=torch.float64)
+            tok = (logp - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
+        tokens.append(tok)
+        probs.append(logp.gather(-1, tok[:, None])[:, 0].exp())
+    return torch.cat(tokens), torch.cat(probs)
 
 
-def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator, rows_per_pick=256):
+def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator):
     """Unmask x (batch, n) in place over `steps` steps; logits_fn(x) gives logits (batch, n, vocab).
-    Positions that are not masked at the start are kept. Returns the number of model calls."""
+    Positions that are not masked at the start are kept. Random reveal chooses the positions first and
+    draws tokens for those alone; confidence reveal draws for every masked position and keeps the k whose
+    drawn token is most probable. Returns the number of model calls."""
     if reveal not in ("random", "confidence"):
         raise ValueError(f"reveal must be 'random' or 'confidence', got {reveal!r}")
     ts = torch.linspace(1, 0, steps + 1).tolist()
@@ -132,30 +135,29 @@ def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator,
         masked = x == mask_id
         if not masked.any():
             break
-        if logits is None:
-            logits = logits_fn(x)
-            calls += 1
-        rows = masked.nonzero(as_tuple=True)
-        chosen, conf = [], []
-        for i in range(0, rows[0].numel(), rows_per_pick):
-            tok, p = pick_tokens(logits[rows[0][i:i + rows_per_pick], rows[1][i:i + rows_per_pick]],
-                                 temperature, top_p, generator)
-            chosen.append(tok)
-            conf.append(p)
-        chosen, conf = torch.cat(chosen), torch.cat(conf)
-        if s == 0:  # the last step reveals everything
-            reveal_now = torch.ones_like(chosen, dtype=torch.bool)
-        elif reveal == "random":
-            reveal_now = torch.rand(chosen.shape, generator=generator, device=x.device) < (t - s) / t
-        else:  # the k most confident masked tokens of each row, k the expected number revealed
+        if reveal == "random" or s == 0:  # the last step reveals everything
+            chosen = masked if s == 0 else masked & (torch.rand(x.shape, generator=generator, device=x.device) < (t - s) / t)
+            if not chosen.any():
+                continue
+            if logits is None:
+                logits = logits_fn(x)
+                calls += 1
+            rows = chosen.nonzero(as_tuple=True)
+            x[rows] = pick_tokens(logits[rows], temperature, top_p, generator)[0]
+        else:  # the k most confident masked positions of each row, k the expected number revealed
+            if logits is None:
+                logits = logits_fn(x)
+                calls += 1
+            rows = masked.nonzero(as_tuple=True)
+            tokens, probs = pick_tokens(logits[rows], temperature, top_p, generator)
             score = torch.full(x.shape, -1.0, dtype=torch.float64, device=x.device)
-            score[rows] = conf
+            score[rows] = probs
             k = torch.round(masked.sum(1) * (t - s) / t).long()
-            rank = score.argsort(1, descending=True).argsort(1)
-            reveal_now = (rank < k[:, None])[rows]
-        if reveal_now.any():
-            x[rows[0][reveal_now], rows[1][reveal_now]] = chosen[reveal_now]
-            logits = None  # the input changed: the next step needs new logits
+            keep = (score.argsort(1, descending=True).argsort(1) < k[:, None])[rows]
+            if not keep.any():
+                continue
+            x[rows[0][keep], rows[1][keep]] = tokens[keep]
+        logits = None  # the input changed: the next step needs new logits
     return calls
 
 

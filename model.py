@@ -96,7 +96,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, eps=1e-6)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), eps=1e-6)  # one dtype: the fused kernel
 
 
 class MLP(nn.Module):

@@ -69,7 +69,8 @@ def main(argv=None):
     p.add_argument("--infill", default=None, help="text with <|mask|> / <|mask:N|> spans to fill, or @file")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--reveal", default="confidence", choices=["random", "confidence"])
+    p.add_argument("--reveal", default="random", choices=["random", "confidence"],
+                   help="random: ancestral MDLM; confidence: most confident first (greedy-like, repeats more)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--sampler", default="auto", choices=["auto", "full", "block"],

@@ -793,3 +793,19 @@ def test_sample_cli(tmp_path, torch_scan, capsys):
         diffusion.sample_block(full, torch.zeros(1, 0, dtype=torch.long, device=DEVICE), 8, 2)
     with pytest.raises(ValueError, match=r"the prompt \(9 tokens\) is longer than length \(8\)"):
         diffusion.sample_block(block, torch.zeros(1, 9, dtype=torch.long, device=DEVICE), 8, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark, as a smoke test: tiny sizes on the CPU
+
+
+def test_bench_runs_on_cpu(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--device=cpu", "--tiny", f"--out_dir={tmp_path}"],
+                       env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "bench.json") as f:
+        results = json.load(f)
+    assert {"kernel", "inference", "end_to_end", "training"} <= set(results)
+    variants = {row["variant"] for row in results["inference"] if "tok_s" in row}
+    assert variants == {f"{a}-{m}" for a in ARCHS for m in ("full", "block")}
+    assert "speedup over transformer-full" in r.stdout and "### training" in r.stdout
