@@ -313,7 +313,7 @@ def bench_inference(args, device):
                     print(f"{row['variant']:18s} batch {batch} L {L:6d}: " + (row.get("skipped") or
                           f"{row['tok_s']:10,.0f} tok/s (graph {row['graph']:.2f} ms, eager {row['eager']:.2f} ms)"),
                           flush=True)
-        del model
+        model = None
         torch.cuda.empty_cache() if device.type == "cuda" else None
     return rows
 
@@ -434,7 +434,7 @@ def bench_training(args, device, info):
                 row["mfu"] = flops_per_token(model, model.cfg, L) * row["tok_s"] / peak if peak else None
                 if device.type == "cuda":
                     row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-                del model, opt
+                model = opt = None  # frees them before the next model
             except torch.cuda.OutOfMemoryError:
                 row["skipped"] = "out of memory"
             torch.cuda.empty_cache() if device.type == "cuda" else None

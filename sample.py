@@ -12,7 +12,6 @@ In --infill text, each <|mask|> is one token to fill and <|mask:N|> is N of them
 
 import argparse
 import re
-import sys
 import time
 
 import torch

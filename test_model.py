@@ -295,7 +295,7 @@ import numpy as np  # noqa: E402
 
 import data  # noqa: E402
 import diffusion  # noqa: E402
-from model import ARCHS, PRESETS, BiMamba, DiffuMamba, Mamba2, ModelConfig, preset_config  # noqa: E402
+from model import ARCHS, PRESETS, DiffuMamba, Mamba2, ModelConfig, preset_config  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
