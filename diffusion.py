@@ -61,6 +61,12 @@ def forward_loss(model, cfg, x0, generator, t_lo=EPS, t_hi=1.0):
     return diffusion_loss(logits, x0, xt, t, cfg.vocab_size)
 
 
+def eval_batch(stream, seq_len, batch_size, n_batches, i, device):
+    """Batch i of n_batches: windows spread evenly over the token stream, the same at every evaluation."""
+    starts = np.linspace(0, len(stream) - seq_len, n_batches * batch_size).astype(np.int64)[i::n_batches]
+    return torch.from_numpy(np.stack([stream[s:s + seq_len] for s in starts]).astype(np.int64)).to(device)
+
+
 @torch.no_grad()
 def evaluate_nelbo(model, stream, seq_len, batch_size, n_batches, seed, rank=0, world=1, autocast=None):
     """The NELBO of a token stream (a 1-d array of token ids): n_batches batches of windows evenly spaced
@@ -68,10 +74,9 @@ def evaluate_nelbo(model, stream, seq_len, batch_size, n_batches, seed, rank=0, 
     With world > 1 this process takes batches rank, rank + world, ... Returns (total nats, tokens):
     total / tokens is the per-token NELBO, and exp() of it the perplexity bound."""
     device = next(model.parameters()).device
-    starts = np.linspace(0, len(stream) - seq_len, n_batches * batch_size).astype(np.int64)
     total, count = 0.0, 0
     for i in range(rank, n_batches, world):
-        x0 = torch.from_numpy(np.stack([stream[s:s + seq_len] for s in starts[i::n_batches]]).astype(np.int64)).to(device)
+        x0 = eval_batch(stream, seq_len, batch_size, n_batches, i, device)
         g = torch.Generator(device=device).manual_seed(seed + i)
         with autocast or contextlib.nullcontext():
             total += forward_loss(model, model.cfg, x0, g).item() * x0.numel()
@@ -84,10 +89,9 @@ def infill_accuracy(model, stream, seq_len, batch_size, n_batches, mask_frac, se
     """Mask a fraction of the tokens of held-out windows at random; the fraction of masked tokens whose
     argmax prediction is right. A block-mode model sees the clean text as its left context (model(xt, x0))."""
     device = next(model.parameters()).device
-    starts = np.linspace(0, len(stream) - seq_len, n_batches * batch_size).astype(np.int64)
     right, total = 0, 0
     for i in range(n_batches):
-        x0 = torch.from_numpy(np.stack([stream[s:s + seq_len] for s in starts[i::n_batches]]).astype(np.int64)).to(device)
+        x0 = eval_batch(stream, seq_len, batch_size, n_batches, i, device)
         g = torch.Generator(device=device).manual_seed(seed + i)
         xt = mask_tokens(x0, torch.full(x0.shape, mask_frac, device=device), model.cfg.vocab_size, g)
         with autocast or contextlib.nullcontext():
