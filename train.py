@@ -200,11 +200,11 @@ def main(argv=None):
         if args.grad_accum % world:
             raise ValueError(f"--grad_accum ({args.grad_accum}) must be a multiple of the number of processes ({world})")
         cfg = ModelConfig(**ckpt["model_config"]) if ckpt else model_config(args)
-        if master:
-            data_dir = data.prepare(args.data)
-        if ddp:
+        if ddp and not master:
+            dist.barrier()  # rank 0 builds the token cache; the others then find it
+        data_dir = data.prepare(args.data)
+        if ddp and master:
             dist.barrier()
-        data_dir = data.prepare(args.data)  # the other ranks find rank 0's cache
         train_stream, val_stream = data.load(data_dir, args.seq_len)
         torch.manual_seed(args.seed)
         model = DiffuMamba(cfg).to(device)
@@ -256,6 +256,11 @@ def main(argv=None):
         model.train()
         return total / count
 
+    def leave():  # every process waits for rank 0's last writes, then the group closes together
+        if ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+
     def checkpoint(it):
         if master:
             rng = dict(torch=torch.get_rng_state())
@@ -273,7 +278,6 @@ def main(argv=None):
     bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, disable=not master,
                dynamic_ncols=True)
     t0, val = time.time(), None
-    it = start_iter
     for it in bar:
         lr = lr_at(it, args)
         for group in optimizer.param_groups:
@@ -319,12 +323,10 @@ def main(argv=None):
             checkpoint(done)
             if master:
                 tqdm.write(f"interrupted after iter {done}: checkpoint saved to {ckpt_path}; --resume continues")
-            if ddp:
-                dist.destroy_process_group()
+            leave()
             sys.exit(130)
     bar.close()
-    if master:
-        checkpoint(args.max_iters)
+    if master:  # the last evaluation wrote the final checkpoint
         raw.eval()
         acc = {f"infill_acc_{round(100 * f)}": infill_accuracy(raw, val_stream, args.seq_len, args.batch_size,
                                                                args.eval_iters, f, args.seed + 2, autocast)
@@ -334,8 +336,7 @@ def main(argv=None):
             print(f"done: {args.max_iters} iters; val NELBO {val:.4f} nats/token, perplexity bound {math.exp(val):.2f}; "
                   f"infilling accuracy {acc['infill_acc_15']:.1%} (15% masked), {acc['infill_acc_50']:.1%} (50%); "
                   f"checkpoint {ckpt_path}")
-    if ddp:
-        dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":
