@@ -165,6 +165,53 @@ def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator)
     return calls
 
 
+def cuda_graph(fn):
+    """fn() captured in a CUDA graph. Returns replay(), which reruns it and returns the captured output,
+    overwritten by the next replay. fn must read and write the same tensors every time. A replay skips
+    Python and kernel launches: most of the time of a small model call. fn runs 3 times to warm up."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+def graphed_model(model, x):
+    """model(.) as a CUDA-graph replay over a fixed input buffer shaped like x (a full-sequence model)."""
+    static = x.clone()
+    replay = cuda_graph(lambda: model(static))
+    return lambda ids: (static.copy_(ids), replay())[1]
+
+
+def graphed_block_calls(model, cache):
+    """forward_block and commit as CUDA-graph replays over a fixed input block. Only for an all-Mamba
+    model, whose cache is a fixed set of tensors updated in place (attention caches grow). The cache
+    is restored after the warm-up commits."""
+    static = torch.zeros(cache.batch_size, model.cfg.block_len, dtype=torch.long, device=model.embed.weight.device)
+    saved, length = [{k: t.clone() for k, t in e.items()} for e in cache.entries], cache.length
+    forward_block = cuda_graph(lambda: model.forward_block(static, cache))
+    commit = cuda_graph(lambda: model.commit(static, cache))
+    for entry, kept in zip(cache.entries, saved):
+        for k, t in kept.items():
+            entry[k].copy_(t)
+    cache.length = length
+
+    def commit_block(ids):
+        static.copy_(ids)
+        commit()
+        cache.length += model.cfg.block_len  # Python state: not in the graph
+    return lambda ids: (static.copy_(ids), forward_block())[1], commit_block
+
+
 def _check_sampling(steps, temperature, top_p):
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -175,9 +222,11 @@ def _check_sampling(steps, temperature, top_p):
 
 
 @torch.no_grad()
-def sample_full(model, template, steps, temperature=1.0, top_p=1.0, reveal="random", seed=0, autocast=None):
+def sample_full(model, template, steps, temperature=1.0, top_p=1.0, reveal="random", seed=0, autocast=None,
+                graph=True):
     """Full-sequence MDLM sampling. template (batch, length): mask ids where text is to be generated
-    (all of it, or spans to infill), tokens elsewhere, which are kept. Returns (tokens, model calls)."""
+    (all of it, or spans to infill), tokens elsewhere, which are kept. On a GPU the model calls are CUDA-
+    graph replays unless graph=False (same tokens). Returns (tokens, model calls)."""
     if model.cfg.block_len is not None:
         raise ValueError("sample_full needs a full-sequence model; this one has block_len="
                          f"{model.cfg.block_len}: use sample_block")
@@ -185,16 +234,19 @@ def sample_full(model, template, steps, temperature=1.0, top_p=1.0, reveal="rand
     x = template.clone()
     generator = torch.Generator(device=x.device).manual_seed(seed)
     with autocast or contextlib.nullcontext():
-        calls = denoise(x, model, model.cfg.vocab_size, steps, temperature, top_p, reveal, generator)
+        model.check_tokens("template", x, allow_mask=True)
+        logits_fn = graphed_model(model, x) if graph and x.is_cuda else model
+        calls = denoise(x, logits_fn, model.cfg.vocab_size, steps, temperature, top_p, reveal, generator)
     return x, calls
 
 
 @torch.no_grad()
 def sample_block(model, prompt, length, steps_per_block, temperature=1.0, top_p=1.0, reveal="random", seed=0,
-                 stop_token=None, progress=False, autocast=None):
+                 stop_token=None, progress=False, autocast=None, graph=True):
     """Block diffusion with the cache: commit the prompt's whole blocks, then for each new block start all
     masked (a prompt's last partial block stays fixed inside the first one), denoise it with
-    forward_block, commit it. Stops at `length` tokens, or once every row holds stop_token.
+    forward_block, commit it. Stops at `length` tokens, or once every row holds stop_token. On a GPU an
+    all-Mamba model's calls are CUDA-graph replays unless graph=False (same tokens).
     Returns (tokens (batch, <= length), model calls)."""
     K = model.cfg.block_len
     if K is None:
@@ -211,15 +263,18 @@ def sample_block(model, prompt, length, steps_per_block, temperature=1.0, top_p=
     out = torch.full((batch, start + nblocks * K), mask_id, dtype=prompt.dtype, device=prompt.device)
     out[:, :n_prompt] = prompt
     calls, end = 0, length
+    model.check_tokens("prompt", prompt, allow_mask=False)
     with autocast or contextlib.nullcontext():
         cache = model.new_cache(batch)
+        forward_block, commit = lambda ids: model.forward_block(ids, cache), lambda ids: model.commit(ids, cache)
+        if graph and prompt.is_cuda and not any(map(model.cfg.is_attention, range(model.cfg.n_layer))):
+            forward_block, commit = graphed_block_calls(model, cache)
         for b in range(start // K):
-            model.commit(out[:, b * K:(b + 1) * K], cache)
+            commit(out[:, b * K:(b + 1) * K])
         for b in tqdm(range(start // K, start // K + nblocks), desc="blocks", disable=not progress):
             block = out[:, b * K:(b + 1) * K]  # a view: denoised in place
-            calls += denoise(block, lambda x: model.forward_block(x, cache), mask_id, steps_per_block,
-                             temperature, top_p, reveal, generator)
-            model.commit(block, cache)
+            calls += denoise(block, forward_block, mask_id, steps_per_block, temperature, top_p, reveal, generator)
+            commit(block)
             if stop_token is not None and (out[:, n_prompt:(b + 1) * K] == stop_token).any(1).all():
                 end = min(length, (b + 1) * K)
                 break

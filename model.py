@@ -188,10 +188,10 @@ class BiMamba(nn.Module):
     def step(self, u, entry, commit):
         """One block of K given the cache entry {tail, state}; commit=True advances the entry."""
         y, states, xBC = self.fwd(u, entry["tail"], entry["state"], state_every=u.shape[1] if commit else None)
-        if commit:
-            entry["state"] = states[:, -1]
+        if commit:  # in place: the cache is a fixed set of tensors (a CUDA graph can replay this)
+            entry["state"].copy_(states[:, -1])
             window = torch.cat([entry["tail"].to(xBC.dtype), xBC], dim=1)
-            entry["tail"] = window[:, window.shape[1] - entry["tail"].shape[1]:].float()
+            entry["tail"].copy_(window[:, window.shape[1] - entry["tail"].shape[1]:])
         return y + self.bwd(u)[0]
 
     def new_entry(self, batch, device):
