@@ -14,6 +14,7 @@ Results: markdown tables on stdout and in out_dir/bench.md, JSON in out_dir/benc
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -22,7 +23,7 @@ from contextlib import nullcontext
 
 import torch
 
-from diffusion import forward_loss, sample_block, sample_full
+from diffusion import cuda_graph, forward_loss, sample_block, sample_full
 from model import DiffuMamba, preset_config
 from scan_kernel import selective_scan
 from train import flops_per_token, peak_flops
@@ -61,22 +62,6 @@ def median_ms(fn, device, warmup=5, reps=30):
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def graphed(fn, device):
-    """fn captured in a CUDA graph (replays skip Python and launch overhead); fn itself on a CPU."""
-    if device.type != "cuda":
-        return fn
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def machine(device):
@@ -197,7 +182,7 @@ def bench_kernel(args, device, ceil):
                                  of_floor=floor_ms / ms)
                 if block and part == "fwd" and device.type == "cuda":
                     try:
-                        row["fwd_graph_ms"] = median_ms(graphed(fn, device), device)
+                        row["fwd_graph_ms"] = median_ms(cuda_graph(fn), device)
                     except Exception as e:  # a baseline that can't be captured is reported as such
                         row["fwd_graph_ms"] = f"capture failed: {type(e).__name__}"
             rows.append(row)
@@ -258,13 +243,54 @@ def time_call(fn, device, graph):
     sync(device)
     once = (time.perf_counter() - t0) * 1e3
     reps = int(min(20, max(3, 1500 / max(once, 1e-3))))
-    run = graphed(fn, device) if graph else fn
+    run = cuda_graph(fn) if graph and device.type == "cuda" else fn
     return median_ms(run, device, warmup=1, reps=reps)
 
 
+def next_call_ms(done, L):
+    """A variant's time per call at length L, grown from its last cell at the order (between 1 and 2) of
+    its last two cells; quadratic while there is one; 0 before the first."""
+    if not done:
+        return 0.0
+    order = 2.0
+    if len(done) > 1:
+        (L1, t1), (L2, t2) = done[-2:]
+        order = min(max(math.log(t2 / t1) / math.log(L2 / L1), 1.0), 2.0)
+    return done[-1][1] * (L / done[-1][0]) ** order
+
+
+def measure_call(model, mode, batch, L, K, r, device):
+    """ms per call, eager and CUDA-graphed, and tokens/s at r tokens per call, of one variant at one L.
+    Full: one call over L tokens. Block: one forward_block over K tokens given a cache of L - K tokens,
+    and one commit per block."""
+    vocab = model.cfg.vocab_size
+    row = {}
+    if mode == "full":
+        x = torch.randint(0, vocab + 1, (batch, L), device=device)
+        for tag, graph in (("eager", False), ("graph", True)):
+            row[tag] = time_call(lambda: model(x), device, graph)
+        row["tok_s"], row["tok_s_eager"] = (batch * r / (row[tag] / 1e3) for tag in ("graph", "eager"))
+        return row
+    xb = torch.randint(0, vocab + 1, (batch, K), device=device)
+    cache = filled_cache(model, batch, L - K)
+
+    def commit():  # the same block every time: put the lengths back first
+        cache.length = L - K
+        for e in cache.entries:
+            if "length" in e:
+                e["length"] = L - K
+        model.commit(xb.clamp(max=vocab - 1), cache)
+    for tag, graph in (("eager", False), ("graph", True)):
+        row[tag] = time_call(lambda: model.forward_block(xb, cache), device, graph)
+        row[tag + "_commit"] = time_call(commit, device, graph)
+    row["tok_s"], row["tok_s_eager"] = (batch * K / (((K / r) * row[tag] + row[tag + "_commit"]) / 1e3)
+                                        for tag in ("graph", "eager"))
+    return row
+
+
 def bench_inference(args, device):
-    """Per-call times and tokens/s. Full-sequence: one call over all L tokens per r revealed tokens.
-    Block: one forward_block over K tokens (cache of L - K tokens) per r tokens, and one commit per block."""
+    """measure_call for every variant, batch and length; a cell whose call would take longer than
+    max_call_s is skipped, and so is one that does not fit in memory."""
     K, r = args.block_len, args.reveal
     rows = []
     for arch in ("transformer", "mamba", "hybrid"):
@@ -273,41 +299,21 @@ def bench_inference(args, device):
         for mode in ("full", "block"):
             model.cfg = dataclasses.replace(base_cfg, block_len=None if mode == "full" else K)
             for batch in args.batches:
-                last = None
+                done = []  # (L, ms per call) of this variant and batch so far
                 for L in args.lengths:
                     row = dict(arch=arch, mode=mode, variant=f"{arch}-{mode}", batch=batch, L=L)
-                    if last and last[1] * (L / last[0]) ** 2 > args.max_call_s * 1e3:
-                        row["skipped"] = f"est. {last[1] * (L / last[0]) ** 2 / 1e3:.0f} s/call"
-                        rows.append(row)
-                        continue
-                    try:
-                        with torch.no_grad():
-                            if mode == "full":
-                                x = torch.randint(0, base_cfg.vocab_size + 1, (batch, L), device=device)
-                                for graph in (False, True):
-                                    row["graph" if graph else "eager"] = time_call(lambda: model(x), device, graph)
-                                per = row["graph"]
-                                row["tok_s"] = batch * r / (per / 1e3)
-                                row["tok_s_eager"] = batch * r / (row["eager"] / 1e3)
-                            else:
-                                xb = torch.randint(0, base_cfg.vocab_size + 1, (batch, K), device=device)
-                                cache = filled_cache(model, batch, L - K)
-
-                                def commit():
-                                    cache.length = L - K
-                                    for e in cache.entries:
-                                        if "length" in e:
-                                            e["length"] = L - K
-                                    model.commit(xb.clamp(max=base_cfg.vocab_size - 1), cache)
-                                for graph in (False, True):
-                                    tag = "graph" if graph else "eager"
-                                    row[tag] = time_call(lambda: model.forward_block(xb, cache), device, graph)
-                                    row[tag + "_commit"] = time_call(commit, device, graph)
-                                for tag, key in (("graph", "tok_s"), ("eager", "tok_s_eager")):
-                                    row[key] = batch * K / (((K / r) * row[tag] + row[tag + "_commit"]) / 1e3)
-                        last = (L, row["graph"])
-                    except torch.cuda.OutOfMemoryError:
-                        row["skipped"] = "out of memory"
+                    estimate = next_call_ms(done, L)
+                    if estimate > args.max_call_s * 1e3:
+                        row["skipped"] = f"est. {estimate / 1e3:.1f} s/call"
+                    else:
+                        try:
+                            with torch.no_grad():
+                                row.update(measure_call(model, mode, batch, L, K, r, device))
+                            done.append((L, row["graph"]))
+                        except torch.cuda.OutOfMemoryError:
+                            row["skipped"] = "out of memory"
+                        except RuntimeError as e:  # reported in the cell; the other cells still run
+                            row["skipped"] = f"failed: {str(e).splitlines()[0][:80]}"
                     rows.append(row)
                     torch.cuda.empty_cache() if device.type == "cuda" else None
                     print(f"{row['variant']:18s} batch {batch} L {L:6d}: " + (row.get("skipped") or
@@ -319,12 +325,12 @@ def bench_inference(args, device):
 
 
 def end_to_end(args, device, rows):
-    """Generate L tokens for real with DiffuMamba, block by block and full-sequence (fewer steps), eager;
-    compare the wall time with what the eager per-call times predict."""
+    """Generate L tokens for real with DiffuMamba, block by block and full-sequence (fewer steps), as
+    sample.py does (CUDA graphs on a GPU); compare the wall time with what the per-call times predict."""
     L, K = args.e2e_len, args.block_len
     model = inference_model(args.preset, "mamba", device)
     base_cfg = model.cfg
-    per = {(r["mode"], r["batch"], r["L"]): r for r in rows if r["arch"] == "mamba" and "eager" in r}
+    per = {(r["mode"], r["batch"], r["L"]): r for r in rows if r["arch"] == "mamba" and "graph" in r}
     out = []
     for mode, steps in (("block", args.e2e_steps_per_block), ("full", args.e2e_steps)):
         model.cfg = dataclasses.replace(base_cfg, block_len=None if mode == "full" else K)
@@ -332,19 +338,21 @@ def end_to_end(args, device, rows):
         if ref is None:
             continue
         prompt = torch.zeros(1, 0, dtype=torch.long, device=device)
-        for warm in (True, False):
-            sync(device)
-            t0 = time.perf_counter()
-            if mode == "block":
-                tokens, calls = sample_block(model, prompt, L, steps, seed=0)
-                commits = L // K
-                predicted = calls * ref["eager"] + commits * ref["eager_commit"]
-            else:
-                tokens, calls = sample_full(model, torch.full((1, L), base_cfg.vocab_size, device=device), steps, seed=0)
-                commits = 0
-                predicted = calls * ref["eager"]
-            sync(device)
-            wall = (time.perf_counter() - t0) * 1e3
+        template = torch.full((1, L), base_cfg.vocab_size, device=device)
+        # warm-up: a short run of the same shapes (two blocks; two full-sequence steps)
+        sample_block(model, prompt, 2 * K, steps, seed=0) if mode == "block" else sample_full(model, template, 2, seed=0)
+        sync(device)
+        t0 = time.perf_counter()
+        if mode == "block":
+            tokens, calls = sample_block(model, prompt, L, steps, seed=0)
+            commits = L // K
+            predicted = calls * ref["graph"] + commits * ref["graph_commit"]
+        else:
+            tokens, calls = sample_full(model, template, steps, seed=0)
+            commits = 0
+            predicted = calls * ref["graph"]
+        sync(device)
+        wall = (time.perf_counter() - t0) * 1e3
         out.append(dict(mode=mode, L=L, steps=steps, calls=calls, commits=commits, wall_ms=wall,
                         predicted_ms=predicted, error=wall / predicted - 1))
         print(f"end to end mamba-{mode} L={L}: {calls} calls + {commits} commits, {wall / 1e3:.2f} s measured, "
@@ -353,21 +361,23 @@ def end_to_end(args, device, rows):
 
 
 def inference_tables(rows, args):
+    header = "| variant | " + " | ".join(f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in args.lengths) + " |"
     lines = []
     for batch in args.batches:
         lines += [f"\n### generated tokens/s, batch {batch}, {args.reveal} token(s) revealed per call, block_len "
                   f"{args.block_len} (CUDA graphs; eager in the JSON)\n",
-                  "| variant | " + " | ".join(f"{L // 1024}K" for L in args.lengths) + " |",
+                  header,
                   "|---|" + "---|" * len(args.lengths)]
         cell = {(r["variant"], r["L"]): r for r in rows if r["batch"] == batch}
         for arch, mode in VARIANTS:
             v = f"{arch}-{mode}"
             lines.append(f"| {v} | " + " | ".join(
-                (f"{cell[v, L]['tok_s']:,.0f}" if "tok_s" in cell.get((v, L), {}) else cell.get((v, L), {}).get("skipped", "-"))
+                (f"{cell[v, L]['tok_s']:,.{0 if cell[v, L]['tok_s'] >= 10 else 2}f}" if "tok_s" in cell.get((v, L), {})
+                 else cell.get((v, L), {}).get("skipped", "-"))
                 for L in args.lengths) + " |")
         for base in ("transformer-full", "transformer-block"):
             lines += [f"\nspeedup over {base}, batch {batch}:\n",
-                      "| variant | " + " | ".join(f"{L // 1024}K" for L in args.lengths) + " |",
+                      header,
                       "|---|" + "---|" * len(args.lengths)]
             for arch, mode in VARIANTS:
                 v = f"{arch}-{mode}"
@@ -492,6 +502,7 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    os.makedirs(args.out_dir, exist_ok=True)
     info = machine(device)
     ceil = ceilings(device)
     print(f"# {info['card']}  torch {info['torch']}  triton {info.get('triton')}  "
@@ -506,7 +517,7 @@ def main():
         results["inference"] = bench_inference(args, device)
         results["end_to_end"] = end_to_end(args, device, results["inference"])
         report.append(inference_tables(results["inference"], args))
-        report.append("\n| end to end (DiffuMamba, eager) | model calls | commits | measured s | predicted s | error |\n"
+        report.append("\n| end to end (DiffuMamba, as sample.py runs it) | model calls | commits | measured s | predicted s | error |\n"
                       "|---|---|---|---|---|---|\n" + "\n".join(
                           f"| {e['mode']}, L={e['L']}, {e['steps']} steps{' per block' if e['mode'] == 'block' else ''} "
                           f"| {e['calls']} | {e['commits']} | {e['wall_ms'] / 1e3:.2f} | {e['predicted_ms'] / 1e3:.2f} "
@@ -517,7 +528,6 @@ def main():
     if args.train or every:
         results["training"] = bench_training(args, device, info)
         report.append(training_table(results["training"], args))
-    os.makedirs(args.out_dir, exist_ok=True)
     print("\n" + "\n".join(report))
     with open(os.path.join(args.out_dir, "bench.md"), "w") as f:
         f.write("\n".join(report) + "\n")
