@@ -2,6 +2,7 @@
 # The quality study (README, "Quality"): DiffuMamba, DiffuMamba-H and the Transformer at the small preset,
 # full-sequence with two seeds and block diffusion (block_len=64) with one, all on the built-in corpus with
 # the same tokens and optimiser settings (train.py's defaults on a GPU), then the table and the plot.
+# A small learning-rate grid for the Transformer and DiffuMamba (seed 1337) goes under runs_dir/lr.
 #     bash study.sh [runs_dir] [more train.py flags]
 set -euo pipefail
 runs=${1:-runs}
@@ -14,6 +15,11 @@ done
 for arch in transformer mamba hybrid; do
   python train.py --preset=small --arch=$arch --block_len=64 --seed=1337 --out_dir=$runs/$arch-block64-s1337 "$@"
 done
+for lr in 5e-4 2e-3 4e-3; do
+  python train.py --preset=small --arch=transformer --lr=$lr --min_lr=$(python -c "print($lr / 10)") --seed=1337 \
+    --out_dir=$runs/lr/transformer-lr$lr "$@"
+done
+python train.py --preset=small --arch=mamba --lr=2e-3 --min_lr=2e-4 --seed=1337 --out_dir=$runs/lr/mamba-lr2e-3 "$@"
 python - "$runs" <<'PY'
 import glob, json, math, os, statistics, sys
 runs = sys.argv[1]
@@ -23,14 +29,18 @@ for path in sorted(glob.glob(f"{runs}/*/log.jsonl")):
     evals = [r for r in log if "val_nelbo" in r]
     speed = [r["tok_s"] for r in log if "tok_s" in r]
     speed = speed[2:] or speed  # past the first logs, which include start-up
-    infill = next(r for r in log if "infill_acc_15" in r)
+    infill = next((r for r in log if "infill_acc_15" in r), None)  # None: the run did not finish
     rows[os.path.basename(os.path.dirname(path))] = dict(
         nelbo=evals[-1]["val_nelbo"], tokens=evals[-1]["tokens"], tok_s=statistics.median(speed), curve=evals,
-        acc15=infill["infill_acc_15"], acc50=infill["infill_acc_50"])
+        acc=f"{infill['infill_acc_15']:.1%} | {infill['infill_acc_50']:.1%}" if infill else "unfinished | unfinished")
 print("| model | val NELBO (nats/token) | perplexity bound | infill acc. 15% | infill acc. 50% | train tokens/s |")
 print("|---|---|---|---|---|---|")
 for name, r in rows.items():
-    print(f"| {name} | {r['nelbo']:.3f} | {math.exp(r['nelbo']):.1f} | {r['acc15']:.1%} | {r['acc50']:.1%} | {r['tok_s']:,.0f} |")
+    print(f"| {name} | {r['nelbo']:.3f} | {math.exp(r['nelbo']):.1f} | {r['acc']} | {r['tok_s']:,.0f} |")
+for path in sorted(glob.glob(f"{runs}/lr/*/log.jsonl")):
+    evals = [r for r in map(json.loads, open(path)) if "val_nelbo" in r]
+    if evals:
+        print(f"learning-rate grid: {os.path.basename(os.path.dirname(path))}: val NELBO {evals[-1]['val_nelbo']:.3f}")
 for arch in ("transformer", "mamba", "hybrid"):
     seeds = [rows[k]["nelbo"] for k in rows if k.startswith(f"{arch}-full-s")]
     if len(seeds) > 1:
