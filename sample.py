@@ -72,6 +72,7 @@ def main(argv=None):
                    help="random: ancestral MDLM; confidence: most confident first (greedy-like, repeats more)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--no_stop", action="store_true", help="block sampler: go on to --length past <|endoftext|>")
     p.add_argument("--sampler", default="auto", choices=["auto", "full", "block"],
                    help="auto: block for block-mode checkpoints, full otherwise")
     args = p.parse_args(argv)
@@ -116,7 +117,8 @@ def main(argv=None):
         t0 = time.time()
         if kind == "block":
             out, calls = sample_block(model, x, args.length, steps, args.temperature, args.top_p, args.reveal,
-                                      args.seed, stop_token=data.EOT, progress=True, autocast=autocast)
+                                      args.seed, stop_token=None if args.no_stop else data.EOT, progress=True,
+                                      autocast=autocast)
             calls = f"{calls} forward_block calls + {-(-out.shape[1] // cfg.block_len)} commits"
         else:
             out, calls = sample_full(model, x, steps, args.temperature, args.top_p, args.reveal, args.seed,
