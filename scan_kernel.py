@@ -1,6 +1,8 @@
 """
-The SSD selective scan of Mamba-2: Triton forward and backward kernels, the plain reference loop,
-a vectorised PyTorch path for CPU training, and the autograd wrapper.
+The Mamba-2 mixer's kernels. Mainly the SSD selective scan: Triton forward and backward kernels, the
+plain reference loop, a vectorised PyTorch path for CPU training, and the autograd wrapper. At the end,
+two small fused kernels around it: the short depthwise conv with its SiLU, and the gated RMSNorm of the
+scan's output (each with its backward, its torch reference, and the same CPU dispatch as the scan).
 
 Per batch element and head h, with state S_t in R^{P x N} (P = headdim, N = dstate):
 
@@ -549,3 +551,211 @@ def selective_scan(x, dt, A, B, C, D=None, initial_state=None, reverse=False, st
         y, states = _SelectiveScan.apply(x, dt, A, B, C, D, initial_state, bool(reverse),
                                          None if state_every is None else int(state_every))
     return y if state_every is None else (y, states)
+
+
+# ----------------------------------------------------------------------------------------------
+# the mixer's short depthwise conv and its SiLU, fused: y = silu(b + sum_j w_j x_{t-(W-1)+j}), or with
+# reverse=True the look-ahead y = silu(b + sum_j w_j x_{t+j}); inputs past the sequence come from `tail`.
+# One kernel does the forward, and in GRAD mode the backward's pointwise part (dv = dy * silu'(v), v
+# recomputed) with partial sums of dw and db; dx is then the same kernel run on dv in the other
+# direction with the taps flipped (the transposed conv), and the tail's gradient is a few rows in torch.
+
+
+def causal_conv_ref(x, weight, bias, tail, reverse):
+    """The definition through F.conv1d. x: (batch, seqlen, channels); weight: (channels, width); bias:
+    (channels,); tail: (batch, width - 1, channels), the inputs just before the sequence (after it when
+    reverse). Returns silu(conv), (batch, seqlen, channels)."""
+    padded = torch.cat([x, tail] if reverse else [tail, x], dim=1).transpose(1, 2)
+    v = torch.nn.functional.conv1d(padded, weight[:, None].to(x.dtype), bias.to(x.dtype), groups=x.shape[2])
+    return torch.nn.functional.silu(v.transpose(1, 2))
+
+
+@triton.jit
+def _conv_tap(x_base, tail_ptr, b, t, c, mask, j, seqlen, channels, sx_l,
+              WIDTH: tl.constexpr, REVERSE: tl.constexpr, HAS_TAIL: tl.constexpr):
+    """The inputs that tap j multiplies at positions t, in float32: x, or the tail outside the sequence."""
+    p = t + j if REVERSE else t + j - (WIDTH - 1)
+    inside = (p >= 0) & (p < seqlen)
+    src = tl.load(x_base + p.to(tl.int64)[:, None] * sx_l + c[None, :], mask=mask & inside[:, None], other=0.0)
+    if HAS_TAIL:  # the tail's row p - seqlen (reverse) or p + WIDTH - 1
+        k = p - seqlen if REVERSE else p + WIDTH - 1
+        tail_base = tail_ptr + b.to(tl.int64) * (WIDTH - 1) * channels
+        src += tl.load(tail_base + k[:, None] * channels + c[None, :], mask=mask & ~inside[:, None], other=0.0)
+    return src.to(tl.float32)
+
+
+@triton.jit
+def _conv_kernel(x_ptr, w_ptr, b_ptr, tail_ptr, dy_ptr, y_ptr, dw_ptr, db_ptr,
+                 seqlen, channels, sx_b, sx_l,
+                 WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_TAIL: tl.constexpr, SILU: tl.constexpr, GRAD: tl.constexpr):
+    # one program: one batch row, BLOCK_T positions, BLOCK_C channels. GRAD: y_ptr receives dv, and
+    # dw_ptr / db_ptr this program's partial sums, (batch * t-blocks, WIDTH, channels) / (..., channels)
+    b, pid_t, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_c = c < channels
+    mask = (t < seqlen)[:, None] & in_c[None, :]
+    x_base = x_ptr + b.to(tl.int64) * sx_b
+    v = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    if HAS_BIAS:
+        v += tl.load(b_ptr + c, mask=in_c, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(WIDTH):
+        w = tl.load(w_ptr + c * WIDTH + j, mask=in_c, other=0.0).to(tl.float32)
+        v += w[None, :] * _conv_tap(x_base, tail_ptr, b, t, c, mask, j, seqlen, channels, sx_l, WIDTH, REVERSE, HAS_TAIL)
+    out_rows = (b.to(tl.int64) * seqlen + t)[:, None] * channels + c[None, :]
+    if GRAD:
+        sig = tl.sigmoid(v)
+        dv = tl.load(dy_ptr + out_rows, mask=mask, other=0.0).to(tl.float32) * sig * (1 + v * (1 - sig))
+        tl.store(y_ptr + out_rows, dv, mask=mask)
+        part = (b * tl.num_programs(1) + pid_t).to(tl.int64) * channels
+        tl.store(db_ptr + part + c, tl.sum(dv, 0), mask=in_c)
+        for j in tl.static_range(WIDTH):  # the taps again (from cache) for dw_j = sum_t dv_t * tap_j
+            tap = _conv_tap(x_base, tail_ptr, b, t, c, mask, j, seqlen, channels, sx_l, WIDTH, REVERSE, HAS_TAIL)
+            tl.store(dw_ptr + part * WIDTH + j * channels + c, tl.sum(dv * tap, 0), mask=in_c)
+    else:
+        if SILU:
+            v = v * tl.sigmoid(v)
+        tl.store(y_ptr + out_rows, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _conv_launch(x, weight, bias, tail, reverse, silu, out_dtype, dy=None):
+    """Run _conv_kernel over x (batch, seqlen, channels). With dy: the backward's pointwise pass; returns
+    dv (float32) and the partial sums of dw and db."""
+    batch, seqlen, channels = x.shape
+    width = weight.shape[1]
+    BLOCK_T, BLOCK_C = 64, 128
+    grid = (batch, -(-seqlen // BLOCK_T), -(-channels // BLOCK_C))
+    grad = dy is not None
+    y = torch.empty(batch, seqlen, channels, device=x.device, dtype=torch.float32 if grad else out_dtype)
+    dw = x.new_empty(batch * grid[1], width, channels, dtype=torch.float32) if grad else None
+    db = x.new_empty(batch * grid[1], channels, dtype=torch.float32) if grad else None
+    _conv_kernel[grid](x, weight, bias, tail, dy, y, dw, db, seqlen, channels, x.stride(0), x.stride(1),
+                       WIDTH=width, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, REVERSE=reverse, HAS_BIAS=bias is not None,
+                       HAS_TAIL=tail is not None, SILU=silu, GRAD=grad)
+    return (y, dw, db) if grad else y
+
+
+class _CausalConv(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tail, reverse):
+        ctx.save_for_backward(x, weight, bias, tail)
+        ctx.reverse = reverse
+        return _conv_launch(x, weight, bias, tail, reverse, True, x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, tail = ctx.saved_tensors
+        reverse, width, seqlen = ctx.reverse, weight.shape[1], x.shape[1]
+        dv, dw, db = _conv_launch(x, weight, bias, tail, reverse, False, None, dy.contiguous())
+        # dx_p = sum_j w_j dv_{t(p, j)}: the conv of dv in the other direction with the taps flipped
+        dx = _conv_launch(dv, weight.flip(1).contiguous(), None, None, not reverse, False, x.dtype)
+        dtail = None
+        if tail is not None:  # tail row k feeds output t = k - j (t = seqlen + k - j when reverse) through tap j
+            dtail = torch.zeros_like(tail, dtype=torch.float32)
+            for k in range(width - 1):
+                for j in range(width):
+                    t = seqlen + k - j if reverse else k - j
+                    if 0 <= t < seqlen and (j > k if reverse else j <= k):
+                        dtail[:, k] += weight[:, j].float() * dv[:, t]
+            dtail = dtail.to(tail.dtype)
+        return (dx, dw.sum(0).t().to(weight.dtype), None if bias is None else db.sum(0).to(bias.dtype), dtail, None)
+
+
+@torch.compiler.disable
+def causal_conv(x, weight, bias=None, tail=None, reverse=False):
+    """silu(depthwise conv of width W) over x (batch, seqlen, channels), causal, or looking ahead when
+    reverse; weight (channels, W), bias (channels,) or None, tail (batch, W - 1, channels) or None (zeros):
+    the inputs just before the sequence (after it when reverse). CUDA tensors (and CPU ones under
+    TRITON_INTERPRET=1) run the fused kernel, other CPU tensors causal_conv_ref."""
+    if not (x.is_cuda or CPU_KERNELS):
+        tail = x.new_zeros(x.shape[0], weight.shape[1] - 1, x.shape[2]) if tail is None else tail
+        return causal_conv_ref(x, weight, x.new_zeros(x.shape[2]) if bias is None else bias, tail.to(x.dtype), reverse)
+    x = _last_dim_contiguous(x)
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+    tail = None if tail is None else tail.to(x.dtype).contiguous()
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        return _CausalConv.apply(x, weight, bias, tail, bool(reverse))
+
+
+# ----------------------------------------------------------------------------------------------
+# the mixer's output norm, fused: RMSNorm(y * silu(z)) * weight, one row of d_inner per step. With
+# g = y silu(z), r = 1 / rms(g) and gw = weight * dout, the backward is dg = r gw - g r^3 mean(g gw),
+# dy = dg silu(z), dz = dg y silu'(z), dweight = sum over rows of dout g r.
+
+
+def gated_rms_norm_ref(y, z, weight, eps=1e-6):
+    g = y.float() * torch.nn.functional.silu(z.float())
+    return (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(y.dtype)
+
+
+@triton.jit
+def _gated_norm_kernel(y_ptr, z_ptr, w_ptr, dout_ptr, out_ptr, dy_ptr, dz_ptr, dw_ptr, rows, d, sz_row, eps,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, GRAD: tl.constexpr):
+    # one program: ROWS rows in turn. GRAD: dy, dz, and this program's partial sum of dweight
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    in_d = cols < d
+    w = tl.load(w_ptr + cols, mask=in_d, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(tl.minimum(ROWS, rows - pid * ROWS)):
+        row = pid * ROWS + i
+        y = tl.load(y_ptr + row.to(tl.int64) * d + cols, mask=in_d, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row.to(tl.int64) * sz_row + cols, mask=in_d, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(z)
+        g = y * z * sig
+        r = 1.0 / tl.sqrt(tl.sum(g * g, 0) / d + eps)
+        if GRAD:
+            dout = tl.load(dout_ptr + row.to(tl.int64) * d + cols, mask=in_d, other=0.0).to(tl.float32)
+            gw = w * dout
+            dg = r * gw - g * (r * r * r) * (tl.sum(g * gw, 0) / d)
+            tl.store(dy_ptr + row.to(tl.int64) * d + cols, (dg * z * sig).to(dy_ptr.dtype.element_ty), mask=in_d)
+            dz = dg * y * sig * (1 + z * (1 - sig))
+            tl.store(dz_ptr + row.to(tl.int64) * d + cols, dz.to(dz_ptr.dtype.element_ty), mask=in_d)
+            dw += dout * g * r
+        else:
+            tl.store(out_ptr + row.to(tl.int64) * d + cols, (g * r * w).to(out_ptr.dtype.element_ty), mask=in_d)
+    if GRAD:
+        tl.store(dw_ptr + pid.to(tl.int64) * d + cols, dw, mask=in_d)
+
+
+def _gated_norm_launch(y, z, weight, eps, dout=None):
+    rows, d = y.shape
+    ROWS = 16  # rows per program: each program's dweight partial is one row
+    grid = (-(-rows // ROWS),)
+    grad = dout is not None
+    out = None if grad else torch.empty_like(y)
+    dy, dz = (torch.empty_like(y), torch.empty(rows, d, device=y.device, dtype=z.dtype)) if grad else (None, None)
+    dw = torch.empty(grid[0], d, device=y.device, dtype=torch.float32) if grad else None
+    _gated_norm_kernel[grid](y, z, weight, dout, out, dy, dz, dw, rows, d, z.stride(0), eps,
+                             ROWS=ROWS, BLOCK=triton.next_power_of_2(d), GRAD=grad)
+    return (dy, dz, dw.sum(0).to(weight.dtype)) if grad else out
+
+
+class _GatedNorm(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, y, z, weight, eps):
+        ctx.save_for_backward(y, z, weight)
+        ctx.eps = eps
+        return _gated_norm_launch(y, z, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, z, weight = ctx.saved_tensors
+        return (*_gated_norm_launch(y, z, weight, ctx.eps, dout.contiguous()), None)
+
+
+@torch.compiler.disable
+def gated_rms_norm(y, z, weight, eps=1e-6):
+    """RMSNorm(y * silu(z)) * weight over the last dim, in y's dtype; y, z: (..., d), weight: (d,). CUDA
+    tensors (and CPU ones under TRITON_INTERPRET=1) run the fused kernel, other CPU tensors the reference."""
+    if not (y.is_cuda or CPU_KERNELS):
+        return gated_rms_norm_ref(y, z, weight, eps)
+    shape, d = y.shape, y.shape[-1]
+    y = y.reshape(-1, d).contiguous()
+    z = z.reshape(-1, d)  # a view where it can be (z is a slice of in_proj's output): rows of stride z.stride(0)
+    z = z if z.stride(-1) == 1 else z.contiguous()
+    with torch.cuda.device(y.device) if y.is_cuda else nullcontext():
+        return _GatedNorm.apply(y, z, weight.contiguous(), eps).view(shape)

@@ -235,6 +235,51 @@ def test_scan_bad_inputs():
 
 
 # ------------------------------------------------------------------------------------------------
+# the fused conv + SiLU and the fused gated norm
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("seqlen, width, channels, tail, dtype", [
+    (37, 4, 20, True, torch.float32), (200, 4, 130, False, torch.float32), (2, 4, 9, True, torch.float32),
+    (1, 2, 7, True, torch.float32), (70, 3, 136, True, torch.bfloat16)])
+def test_conv_matches_reference(reverse, seqlen, width, channels, tail, dtype):
+    # x is a slice of a wider tensor, as in the model (a part of in_proj's output)
+    x = torch.randn(2, seqlen, channels + 5, device=DEVICE).to(dtype)[..., 3:3 + channels].requires_grad_()
+    weight = torch.randn(channels, width, device=DEVICE, requires_grad=True)
+    bias = torch.randn(channels, device=DEVICE, requires_grad=True)
+    tail = torch.randn(2, width - 1, channels, device=DEVICE).to(dtype).requires_grad_() if tail else None
+    dy = torch.randn(2, seqlen, channels, device=DEVICE).to(dtype)
+    leaves = [t for t in (x, weight, bias, tail) if t is not None]
+    y = scan_kernel.causal_conv(x, weight, bias, tail, reverse)
+    grads = torch.autograd.grad(y, leaves, dy)
+    as64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, w64, b64 = as64[:3]
+    t64 = as64[3] if tail is not None else torch.zeros(2, width - 1, channels, device=DEVICE, dtype=torch.float64)
+    y_ref = scan_kernel.causal_conv_ref(x64, w64, b64, t64, reverse)
+    grads_ref = torch.autograd.grad(y_ref, as64, dy.double())
+    tol = tolerance(dtype)
+    assert y.dtype == dtype and rel_err(y, y_ref) < tol
+    for name, g, g_ref in zip(("x", "weight", "bias", "tail"), grads, grads_ref):
+        assert rel_err(g, g_ref) < tol, name
+
+
+@pytest.mark.parametrize("rows, d, dtype", [(37, 48, torch.float32), (5, 100, torch.float32), (40, 64, torch.bfloat16)])
+def test_gated_norm_matches_reference(rows, d, dtype):
+    z = torch.randn(2, rows, 2 * d + 3, device=DEVICE).to(dtype)[..., 1:1 + d].requires_grad_()  # a slice, as in the model
+    y = torch.randn(2, rows, d, device=DEVICE).to(dtype).requires_grad_()
+    weight = torch.randn(d, device=DEVICE, requires_grad=True)
+    dout = torch.randn(2, rows, d, device=DEVICE).to(dtype)
+    out = scan_kernel.gated_rms_norm(y, z, weight)
+    grads = torch.autograd.grad(out, [y, z, weight], dout)
+    as64 = [t.detach().double().requires_grad_() for t in (y, z, weight)]
+    ref = scan_kernel.gated_rms_norm_ref(*as64)
+    grads_ref = torch.autograd.grad(ref, as64, dout.double())
+    assert out.dtype == dtype and rel_err(out, ref) < tolerance(dtype)
+    for name, g, g_ref in zip(("y", "z", "weight"), grads, grads_ref):
+        assert rel_err(g, g_ref) < tolerance(dtype), name
+
+
+# ------------------------------------------------------------------------------------------------
 # the scan on the GPU, at sizes the interpreter can't reach
 
 
