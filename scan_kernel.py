@@ -15,24 +15,30 @@ decay mask M_ts = exp(c_t - c_s) for s <= t (0 otherwise), everything is a handf
     y      = (C B^T * M * dt^T) x  +  exp(c) * (C S^T)  +  D x                     (L x P)
     S_next = exp(c_L) S  +  (x * exp(c_L - c) dt)^T B                                (P x N)
 
-The backward walks the chunks from last to first with R = dL/dS at the chunk's end (what later
-positions and the returned states send back). Writing Lam_t = dL/dS_t = exp(c_L - c_t) R +
-sum_{u>=t} exp(c_u - c_t) dy_u C_u^T, and dYX = dy x^T:
+The backward needs, per chunk, the forward state S at its start and R = dL/dS at its end (what later
+positions and the returned states send back); given those two, the chunks' gradients are independent.
+Writing Lam_t = dL/dS_t = exp(c_L - c_t) R + sum_{u>=t} exp(c_u - c_t) dy_u C_u^T, and dYX = dy x^T:
+
+  - the forward kernel, in a state-only mode, recomputes S after every chunk (chunk_states): the
+    backward keeps nothing per position, only chunk-boundary states;
+  - _scan_adj_kernel walks the chunks from last to first carrying R alone, the only sequential work:
+    R += dstates where a returned state ends the chunk, R is stored (chunk_adj), then
+        R_prev = exp(c_L) R  +  (dy * exp(c))^T C
+  - _scan_grad_kernel, one program per chunk, takes S and R and computes
 
     dC     = exp(c) * (dy S)  +  (dYX * M * dt^T) B              [= S_t^T dy_t]
     LamB   = (C B^T * M)^T dy  +  exp(c_L - c) * (B R^T)          [row t: Lam_t B_t]
     dx     = dt * LamB + D dy,        dB = dt * (exp(c_L - c) * (x R) + (dYX * M)^T C)
-    R_prev = exp(c_L) R  +  (dy * exp(c))^T C
     da_t   = exp(dt_t A) <Lam_t, S_{t-1}>       (four plain sums: Lam from R or from dy, S_{t-1} from S or x)
     ddt    = A da + x . LamB,       dA = sum dt da,       dD = sum dy . x
 
-The forward state S at each chunk start, which dC needs, is recomputed by the forward kernel in a
-state-only mode: the backward keeps nothing per position, only chunk-boundary states.
+    Sums across programs (ddt, dB, dC over headdim tiles and a group's heads; dA, dD over everything)
+    are written as partials and added up outside the kernel: no atomics.
 
-A program walks a short segment of chunks in sequence; segments run side by side, which keeps the
-GPU busy whatever the batch. A state-only pass gives each segment's own final state (going backward,
-its own adjoint), _pass_kernel chains them (S <- exp(sum of dt A over the segment) S + local), and the
-main pass starts every segment from its true state.
+The sequential kernels (forward, adjoint) give a program a short segment of chunks; segments run side by
+side, which keeps the GPU busy whatever the batch. A first launch gives each segment's own final state
+(going backward, its own adjoint), _pass_kernel chains them (S <- exp(sum of dt A over the segment) S +
+local), and a second launch starts every segment from its true state.
 
 reverse=True runs the same kernels with position i read from seqlen - 1 - i.
 """
@@ -257,26 +263,24 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
-def _scan_bwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, init_ptr, chunk_states_ptr, dstates_ptr, rend_ptr,
-    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, rout_ptr,
+def _scan_adj_kernel(
+    dt_ptr, A_ptr, C_ptr, dy_ptr, dstates_ptr, rend_ptr, chunk_adj_ptr, rout_ptr,
     seqlen, nheads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
-    sx_b, sx_l, sx_h, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sC_b, sC_l, sC_g,
+    sdt_b, sdt_l, sdt_h, sC_b, sC_l, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DSTATES: tl.constexpr, HAS_REND: tl.constexpr,
-    STATE_ONLY: tl.constexpr, REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_DSTATES: tl.constexpr, HAS_REND: tl.constexpr, WRITE_ADJ: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    # one program: one (batch, head), one tile of headdim, one segment, its chunks last to first.
-    # STATE_ONLY: just carry R through the segment from zero (the segments' own adjoints).
-    # dB and dC get one partial sum per (head, headdim tile), summed outside: no atomics between heads.
+    # one program: one (batch, head), one tile of headdim, one segment, its chunks last to first, carrying
+    # R = dL/dS at the chunk's end. Without rend, R starts from zero: the segment's own adjoint.
     bh, pid_p, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // nheads, bh % nheads
     g = h // heads_per_group
-    nptiles, nseg = tl.num_programs(1), tl.num_programs(2)
+    nseg = tl.num_programs(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
     c0 = seg * seg_chunks
     c1 = tl.minimum(c0 + seg_chunks, nchunks)
-    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    DTYPE: tl.constexpr = dy_ptr.dtype.element_ty
 
     offs_l = tl.arange(0, BLOCK_L)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -284,27 +288,15 @@ def _scan_bwd_kernel(
     mask_pn = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
     pn = offs_p[:, None] * dstate + offs_n[None, :]
     PN = headdim * dstate
-    x_base = x_ptr + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
     dt_base = dt_ptr + b.to(tl.int64) * sdt_b + h.to(tl.int64) * sdt_h
-    B_base = B_ptr + b.to(tl.int64) * sB_b + g.to(tl.int64) * sB_g
     C_base = C_ptr + b.to(tl.int64) * sC_b + g.to(tl.int64) * sC_g
     dy_base = dy_ptr + b.to(tl.int64) * seqlen * nheads * headdim + h * headdim
-    dx_base = dx_ptr + b.to(tl.int64) * seqlen * nheads * headdim + h * headdim
-    ddt_base = ddt_ptr + b.to(tl.int64) * seqlen * nheads + h
-    part_row = nheads * nptiles * dstate  # dB, dC partials: (batch, seqlen, nheads * nptiles, dstate)
-    dB_base = dB_ptr + b.to(tl.int64) * seqlen * part_row + (h * nptiles + pid_p) * dstate
-    dC_base = dC_ptr + b.to(tl.int64) * seqlen * part_row + (h * nptiles + pid_p) * dstate
-    states_bh = chunk_states_ptr + (b.to(tl.int64) * nchunks * nheads + h) * PN  # + c * nheads * PN
     A = tl.load(A_ptr + h).to(tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + h).to(tl.float32)
 
     if HAS_REND:
         R = tl.load(rend_ptr + ((b.to(tl.int64) * nseg + seg) * nheads + h) * PN + pn, mask=mask_pn, other=0.0)
     else:
         R = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    dA_acc = tl.zeros([BLOCK_L], dtype=tl.float32)
-    dD_acc = tl.zeros([BLOCK_L], dtype=tl.float32)
 
     for k in range(c1 - c0):
         c = c1 - 1 - k
@@ -319,7 +311,6 @@ def _scan_bwd_kernel(
         a = dt * A
         cs = tl.cumsum(a, 0)
         a_tot = tl.sum(a, 0)
-        exp_cs = tl.exp(cs)
 
         if HAS_DSTATES:  # a returned state ends this chunk: its gradient joins R
             if (c + 1) % every == 0:
@@ -327,57 +318,107 @@ def _scan_bwd_kernel(
                 dS = tl.load(dstates_ptr + ((b.to(tl.int64) * nstates + j) * nheads + h) * PN + pn,
                              mask=mask_pn, other=0.0)
                 R += dS
+        if WRITE_ADJ:  # (batch, nchunks, nheads, P, N)
+            tl.store(chunk_adj_ptr + ((b.to(tl.int64) * nchunks + c) * nheads + h) * PN + pn, R, mask=mask_pn)
 
-        if not STATE_ONLY:
-            x = tl.load(x_base + pos[:, None] * sx_l + offs_p[None, :], mask=mask_lp, other=0.0)
-            Bm = tl.load(B_base + pos[:, None] * sB_l + offs_n[None, :], mask=mask_ln, other=0.0)
-            # forward state at the chunk's start: the previous chunk's end, or the initial state
-            if c > 0:
-                S = tl.load(states_bh + (c - 1).to(tl.int64) * nheads * PN + pn, mask=mask_pn, other=0.0)
-            elif HAS_INIT:
-                S = tl.load(init_ptr + (b.to(tl.int64) * nheads + h) * PN + pn, mask=mask_pn, other=0.0).to(tl.float32)
-            else:
-                S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-            exp_tail = tl.exp(a_tot - cs)
-            causal = offs_l[:, None] >= offs_l[None, :]
-            M = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-            G = _dot(Cm, tl.trans(Bm), DTYPE, DOT_F32)
-            dYXM = _dot(dy, tl.trans(x), DTYPE, DOT_F32) * M
-            dC_in = exp_cs[:, None] * _dot(dy, S, DTYPE, DOT_F32)  # through the incoming state
-            xR = exp_tail[:, None] * _dot(x, R, DTYPE, DOT_F32)  # through the outgoing adjoint
-            dC = dC_in + _dot(dYXM * dt[None, :], Bm, DTYPE, DOT_F32)
-            dB = dt[:, None] * (xR + _dot(tl.trans(dYXM), Cm, DTYPE, DOT_F32))
-            LB = _dot(tl.trans(G * M), dy, DTYPE, DOT_F32) + exp_tail[:, None] * _dot(Bm, tl.trans(R), DTYPE, DOT_F32)
-            xf = x.to(tl.float32)
-            dyf = dy.to(tl.float32)
-            ddt_direct = tl.sum(xf * LB, 1)
-            # dL/da_t = exp(a_t) <Lam_t, S_{t-1}>, split by where Lam and S come from (R or later dy;
-            # S or earlier inputs). Every term is a plain sum, so nothing cancels.
-            from_in = tl.sum(Cm.to(tl.float32) * dC_in, 1)  # u >= t: exp(c_u) dy_u^T S C_u
-            from_out = dt * tl.sum(Bm.to(tl.float32) * xR, 1)  # s < t: exp(c_L - c_s) dt_s x_s^T R B_s
-            # within the chunk: sum over u >= t > s of exp(c_u - c_s) dt_s (dy_u . x_s)(C_u . B_s)
-            inner = tl.cumsum(dYXM * G * dt[None, :], 0, reverse=True)  # [t, s]: summed over u >= t
-            inner = tl.sum(tl.where(offs_l[:, None] > offs_l[None, :], inner, 0.0), 1)
-            da = (tl.exp(a_tot) * tl.sum(tl.sum(R * S, 1), 0) + tl.cumsum(from_in, 0, reverse=True)
-                  + tl.cumsum(from_out, 0) - from_out + inner)
-            dx = dt[:, None] * LB
-            if HAS_D:
-                dx += D * dyf
-                dD_acc += tl.sum(dyf * xf, 1)
-            dA_acc += dt * da
-            tl.store(dx_base + pos[:, None] * nheads * headdim + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=mask_lp)
-            tl.atomic_add(ddt_base + pos * nheads, A * da + ddt_direct, mask=valid)
-            tl.store(dB_base + pos[:, None] * part_row + offs_n[None, :], dB.to(dB_ptr.dtype.element_ty), mask=mask_ln)
-            tl.store(dC_base + pos[:, None] * part_row + offs_n[None, :], dC.to(dC_ptr.dtype.element_ty), mask=mask_ln)
-
-        R = tl.exp(a_tot) * R + _dot(tl.trans(dy.to(tl.float32) * exp_cs[:, None]), Cm, DTYPE, DOT_F32)
+        R = tl.exp(a_tot) * R + _dot(tl.trans(dy.to(tl.float32) * tl.exp(cs)[:, None]), Cm, DTYPE, DOT_F32)
 
     tl.store(rout_ptr + ((b.to(tl.int64) * nseg + seg) * nheads + h) * PN + pn, R, mask=mask_pn)
-    if not STATE_ONLY:
-        tl.atomic_add(dA_ptr + h, tl.sum(dA_acc, 0))
-        if HAS_D:
-            tl.atomic_add(dD_ptr + h, tl.sum(dD_acc, 0))
+
+
+@triton.jit
+def _scan_grad_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, init_ptr, chunk_states_ptr, chunk_adj_ptr,
+    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
+    batch, seqlen, nheads, headdim, dstate, heads_per_group,
+    sx_b, sx_l, sx_h, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sC_b, sC_l, sC_g,
+    CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # one program: one chunk of one (batch, head), one tile of headdim; S at the chunk's start and R at its
+    # end are given, so nothing is carried. Axis 0 is (chunk, batch * head), heads fastest (they share B
+    # and C): the only grid axis with room for every chunk of a long sequence.
+    # Every sum over headdim tiles or chunks (ddt, dB, dC, dA, dD) is a partial per program, summed
+    # outside: no atomics.
+    pid, pid_p = tl.program_id(0), tl.program_id(1)
+    bh, c = pid % (batch * nheads), pid // (batch * nheads)
+    b, h = bh // nheads, bh % nheads
+    g = h // heads_per_group
+    nptiles = tl.num_programs(1)
+    nchunks = tl.cdiv(seqlen, CHUNK)
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    i = c * CHUNK + offs_l
+    valid = (offs_l < CHUNK) & (i < seqlen)
+    pos = (seqlen - 1 - i if REVERSE else i).to(tl.int64)
+    mask_lp = valid[:, None] & (offs_p[None, :] < headdim)
+    mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
+    mask_pn = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
+    pn = offs_p[:, None] * dstate + offs_n[None, :]
+    PN = headdim * dstate
+    A = tl.load(A_ptr + h).to(tl.float32)
+
+    dt = tl.load(dt_ptr + b.to(tl.int64) * sdt_b + h.to(tl.int64) * sdt_h + pos * sdt_l,
+                 mask=valid, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h + pos[:, None] * sx_l + offs_p[None, :],
+                mask=mask_lp, other=0.0)
+    Bm = tl.load(B_ptr + b.to(tl.int64) * sB_b + g.to(tl.int64) * sB_g + pos[:, None] * sB_l + offs_n[None, :],
+                 mask=mask_ln, other=0.0)
+    Cm = tl.load(C_ptr + b.to(tl.int64) * sC_b + g.to(tl.int64) * sC_g + pos[:, None] * sC_l + offs_n[None, :],
+                 mask=mask_ln, other=0.0)
+    rows = (b.to(tl.int64) * seqlen + pos) * nheads + h  # (batch, seqlen, nheads) row of each position
+    dy = tl.load(dy_ptr + rows[:, None] * headdim + offs_p[None, :], mask=mask_lp, other=0.0)
+    # forward state at the chunk's start (the previous chunk's end, or the initial state); adjoint at its end
+    chunk_row = (b.to(tl.int64) * nchunks + c) * nheads + h  # (batch, nchunks, nheads) row of this chunk
+    if c > 0:
+        S = tl.load(chunk_states_ptr + (chunk_row - nheads) * PN + pn, mask=mask_pn, other=0.0)
+    elif HAS_INIT:
+        S = tl.load(init_ptr + (b.to(tl.int64) * nheads + h) * PN + pn, mask=mask_pn, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    R = tl.load(chunk_adj_ptr + chunk_row * PN + pn, mask=mask_pn, other=0.0)
+
+    a = dt * A
+    cs = tl.cumsum(a, 0)
+    a_tot = tl.sum(a, 0)
+    exp_tail = tl.exp(a_tot - cs)
+    causal = offs_l[:, None] >= offs_l[None, :]
+    M = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+    G = _dot(Cm, tl.trans(Bm), DTYPE, DOT_F32)
+    dYXM = _dot(dy, tl.trans(x), DTYPE, DOT_F32) * M
+    dC_in = tl.exp(cs)[:, None] * _dot(dy, S, DTYPE, DOT_F32)  # through the incoming state
+    xR = exp_tail[:, None] * _dot(x, R, DTYPE, DOT_F32)  # through the outgoing adjoint
+    dC = dC_in + _dot(dYXM * dt[None, :], Bm, DTYPE, DOT_F32)
+    dB = dt[:, None] * (xR + _dot(tl.trans(dYXM), Cm, DTYPE, DOT_F32))
+    LB = _dot(tl.trans(G * M), dy, DTYPE, DOT_F32) + exp_tail[:, None] * _dot(Bm, tl.trans(R), DTYPE, DOT_F32)
+    xf = x.to(tl.float32)
+    dyf = dy.to(tl.float32)
+    # dL/da_t = exp(a_t) <Lam_t, S_{t-1}>, split by where Lam and S come from (R or later dy;
+    # S or earlier inputs). Every term is a plain sum, so nothing cancels.
+    from_in = tl.sum(Cm.to(tl.float32) * dC_in, 1)  # u >= t: exp(c_u) dy_u^T S C_u
+    from_out = dt * tl.sum(Bm.to(tl.float32) * xR, 1)  # s < t: exp(c_L - c_s) dt_s x_s^T R B_s
+    # within the chunk: sum over u >= t > s of exp(c_u - c_s) dt_s (dy_u . x_s)(C_u . B_s)
+    inner = tl.cumsum(dYXM * G * dt[None, :], 0, reverse=True)  # [t, s]: summed over u >= t
+    inner = tl.sum(tl.where(offs_l[:, None] > offs_l[None, :], inner, 0.0), 1)
+    da = (tl.exp(a_tot) * tl.sum(tl.sum(R * S, 1), 0) + tl.cumsum(from_in, 0, reverse=True)
+          + tl.cumsum(from_out, 0) - from_out + inner)
+    dx = dt[:, None] * LB
+    if HAS_D:
+        dx += tl.load(D_ptr + h).to(tl.float32) * dyf
+
+    tl.store(dx_ptr + rows[:, None] * headdim + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_lp)
+    # partials: ddt (batch, seqlen, nheads, nptiles); dB, dC (batch, seqlen, nheads * nptiles, dstate);
+    # dA, dD (batch, nchunks, nheads, nptiles)
+    tl.store(ddt_ptr + rows * nptiles + pid_p, A * da + tl.sum(xf * LB, 1), mask=valid)
+    part = (rows[:, None] * nptiles + pid_p) * dstate + offs_n[None, :]
+    tl.store(dB_ptr + part, dB.to(dB_ptr.dtype.element_ty), mask=mask_ln)
+    tl.store(dC_ptr + part, dC.to(dC_ptr.dtype.element_ty), mask=mask_ln)
+    tl.store(dA_ptr + chunk_row * nptiles + pid_p, tl.sum(dt * da, 0))
+    if HAS_D:
+        tl.store(dD_ptr + chunk_row * nptiles + pid_p, tl.sum(tl.sum(dyf * xf, 1), 0))
 
 
 @triton.jit
@@ -414,9 +455,12 @@ class _Plan:
         self.block_l = max(16, triton.next_power_of_2(self.chunk))
         self.block_n = max(16, triton.next_power_of_2(dstate))
         # the state tile lives in registers: 64 x 128 floats or fewer
-        self.block_p = self.block_p_bwd = max(16, min(triton.next_power_of_2(headdim), 8192 // self.block_n))
-        self.warps, self.warps_bwd = 4, 8
-        self.stages, self.stages_bwd = 2, 1
+        self.block_p = max(16, min(triton.next_power_of_2(headdim), 8192 // self.block_n))
+        self.warps, self.stages = 4, 2
+        # backward, untuned first guesses: the sequential adjoint kernel holds one such tile (R) across its
+        # loop; the per-chunk gradient kernel holds two (S, R) and has no loop to pipeline
+        self.block_p_adj, self.warps_adj, self.stages_adj = self.block_p, 4, 2
+        self.block_p_grad, self.warps_grad, self.stages_grad = self.block_p, 8, 1
         # a program walks seg_chunks chunks in sequence; segments run in parallel, chained by _pass_kernel.
         # Longer segments move fewer states; shorter ones give more programs when batch * nheads is small.
         self.seg_chunks = max(8 if batch * nheads >= 128 else 16, -(-self.nchunks // 65535))  # grid axis limit
@@ -444,6 +488,23 @@ def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every):
         HAS_D=D is not None, HAS_START=start is not None, WRITE_Y=write_y, WRITE_STATES=bool(every),
         REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps, num_stages=plan.stages)
     return y, states
+
+
+def _run_adj(plan, dt, A, C, dy, dstates, every, rend, chunk_adj):
+    """Launch the adjoint kernel over plan.nseg segments, from rend (batch, nseg, nheads, P, N) or from zero.
+    Writes R at every chunk's end into chunk_adj unless it is None; returns R entering each segment."""
+    batch, seqlen, nheads, headdim = dy.shape
+    ngroups, dstate = C.shape[2:]
+    rout = dy.new_empty(batch, plan.nseg, nheads, headdim, dstate, dtype=torch.float32)
+    grid = (batch * nheads, -(-headdim // plan.block_p_adj), plan.nseg)
+    _scan_adj_kernel[grid](
+        dt, A, C, dy, dstates, rend, chunk_adj, rout,
+        seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks, every, plan.nchunks // every,
+        *dt.stride(), *C.stride()[:3],
+        CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p_adj, BLOCK_N=plan.block_n,
+        HAS_DSTATES=dstates is not None, HAS_REND=rend is not None, WRITE_ADJ=chunk_adj is not None,
+        REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps_adj, num_stages=plan.stages_adj)
+    return rout
 
 
 def _pass(local, logdecay, init, reverse):
@@ -492,39 +553,35 @@ class _SelectiveScan(torch.autograd.Function):
         dy = torch.zeros_like(x) if dy is None else dy.contiguous()
         dstates = None if dstates is None else dstates.contiguous()
         every = ctx.state_every // plan.chunk if ctx.state_every else 1
+        f32 = dict(device=x.device, dtype=torch.float32)
         # forward states at every chunk end, recomputed (segments start from their saved states)
         _, chunk_states = _run_fwd(plan, x, dt, A, B, C, D, start, False, 1)
-        nptiles = -(-headdim // plan.block_p_bwd)
-        f32 = dict(device=x.device, dtype=torch.float32)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        ddt = torch.zeros(batch, seqlen, nheads, **f32)
-        dB = B.new_empty(batch, seqlen, nheads * nptiles, dstate)
-        dC = C.new_empty(batch, seqlen, nheads * nptiles, dstate)
-        dA = torch.zeros(nheads, **f32)
-        dD = torch.zeros(nheads, **f32)
-        rout = torch.empty(batch, plan.nseg, nheads, headdim, dstate, **f32)
-        grid = (batch * nheads, nptiles, plan.nseg)
-
-        def launch(rend, state_only):
-            _scan_bwd_kernel[grid](
-                x, dt, A, B, C, D, dy, initial_state, chunk_states, dstates, rend,
-                dx, ddt, dB, dC, dA, dD, rout,
-                seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks, every, plan.nchunks // every,
-                *_strides(x, dt, B, C),
-                CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p_bwd, BLOCK_N=plan.block_n,
-                HAS_D=D is not None, HAS_INIT=initial_state is not None, HAS_DSTATES=dstates is not None,
-                HAS_REND=rend is not None, STATE_ONLY=state_only, REVERSE=plan.reverse, DOT_F32=INTERPRET,
-                num_warps=plan.warps_bwd, num_stages=plan.stages_bwd)
-
+        # adjoints at every chunk end
+        chunk_adj = torch.empty(batch, plan.nchunks, nheads, headdim, dstate, **f32)
         rend = None
         if plan.nseg > 1:  # each segment's own adjoint, then chained from the last segment back
-            launch(None, True)
-            rend = _pass(rout, logdecay, None, True)
-        launch(rend, False)
+            rend = _pass(_run_adj(plan, dt, A, C, dy, dstates, every, None, None), logdecay, None, True)
+        rout = _run_adj(plan, dt, A, C, dy, dstates, every, rend, chunk_adj)
+        # every chunk's gradients, side by side
+        nptiles = -(-headdim // plan.block_p_grad)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        ddt = torch.empty(batch, seqlen, nheads, nptiles, **f32)
+        dB = B.new_empty(batch, seqlen, nheads * nptiles, dstate)
+        dC = C.new_empty(batch, seqlen, nheads * nptiles, dstate)
+        dA = torch.empty(batch, plan.nchunks, nheads, nptiles, **f32)
+        dD = torch.empty(batch, plan.nchunks, nheads, nptiles, **f32) if D is not None else None
+        _scan_grad_kernel[(plan.nchunks * batch * nheads, nptiles)](
+            x, dt, A, B, C, D, dy, initial_state, chunk_states, chunk_adj,
+            dx, ddt, dB, dC, dA, dD,
+            batch, seqlen, nheads, headdim, dstate, nheads // ngroups,
+            *_strides(x, dt, B, C),
+            CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p_grad, BLOCK_N=plan.block_n,
+            HAS_D=D is not None, HAS_INIT=initial_state is not None, REVERSE=plan.reverse, DOT_F32=INTERPRET,
+            num_warps=plan.warps_grad, num_stages=plan.stages_grad)
         group_sum = lambda t: t.view(batch, seqlen, ngroups, -1, dstate).sum(3, dtype=torch.float32)
         dinit = None if initial_state is None else rout[:, 0].to(initial_state.dtype)
-        return (dx, ddt.to(dt.dtype), dA.to(A.dtype), group_sum(dB).to(B.dtype), group_sum(dC).to(C.dtype),
-                None if D is None else dD.to(D.dtype), dinit, None, None)
+        return (dx, ddt.sum(3).to(dt.dtype), dA.sum((0, 1, 3)).to(A.dtype), group_sum(dB).to(B.dtype),
+                group_sum(dC).to(C.dtype), None if D is None else dD.sum((0, 1, 3)).to(D.dtype), dinit, None, None)
 
 
 def _last_dim_contiguous(t):

@@ -142,6 +142,21 @@ def test_cases_cover_one_and_many_segments():
     assert any(plan.nseg > 1 and plan.nchunks % plan.seg_chunks for plan in nsegs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scan_headdim_tiles(dtype, monkeypatch):
+    # headdim split over several tiles (a partial last one), with different tiles in the adjoint and the
+    # gradient kernels: ddt, dB, dC, dA and dD are summed over the gradient kernel's tiles
+    plan_init = scan_kernel._Plan.__init__
+
+    def small_tiles(plan, *args):
+        plan_init(plan, *args)
+        plan.block_p, plan.block_p_adj, plan.block_p_grad = 32, 32, 16
+
+    monkeypatch.setattr(scan_kernel._Plan, "__init__", small_tiles)
+    inputs = scan_inputs(1, 600, 2, 40, 1, 16, dtype)  # chunks of 25, two segments
+    check_scan(inputs, reverse=True, state_every=200, ref_fn=chunked_ref)
+
+
 def test_states_only_gradient():
     # gradient that arrives through the returned states alone (y unused)
     inputs = scan_inputs(2, 64, 2, 16, 1, 16)
