@@ -459,7 +459,7 @@ class _Plan:
         self.warps, self.stages = 4, 2
         # backward, untuned first guesses: the sequential adjoint kernel holds one such tile (R) across its
         # loop; the per-chunk gradient kernel holds two (S, R) and has no loop to pipeline
-        self.block_p_adj, self.warps_adj, self.stages_adj = self.block_p, 4, 2
+        self.block_p_adj, self.warps_adj, self.stages_adj = self.block_p, 4, 1
         self.block_p_grad, self.warps_grad, self.stages_grad = self.block_p, 8, 1
         # a program walks seg_chunks chunks in sequence; segments run in parallel, chained by _pass_kernel.
         # Longer segments move fewer states; shorter ones give more programs when batch * nheads is small.
