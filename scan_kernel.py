@@ -457,10 +457,11 @@ class _Plan:
         # the state tile lives in registers: 64 x 128 floats or fewer
         self.block_p = max(16, min(triton.next_power_of_2(headdim), 8192 // self.block_n))
         self.warps, self.stages = 4, 2
-        # backward, untuned first guesses: the sequential adjoint kernel holds one such tile (R) across its
-        # loop; the per-chunk gradient kernel holds two (S, R) and has no loop to pipeline
+        # backward, from a sweep on an H200: the sequential adjoint kernel holds one state tile (R) across its
+        # loop, best at 4 warps without pipelining; the per-chunk gradient kernel holds two (S, R) and has no
+        # loop, best at 8 warps (headdim tiles of 32 spill and run ten times slower)
         self.block_p_adj, self.warps_adj, self.stages_adj = self.block_p, 4, 1
-        self.block_p_grad, self.warps_grad, self.stages_grad = self.block_p, 8, 1
+        self.block_p_grad, self.warps_grad = self.block_p, 8
         # a program walks seg_chunks chunks in sequence; segments run in parallel, chained by _pass_kernel.
         # Longer segments move fewer states; shorter ones give more programs when batch * nheads is small.
         self.seg_chunks = max(8 if batch * nheads >= 128 else 16, -(-self.nchunks // 65535))  # grid axis limit
@@ -577,7 +578,7 @@ class _SelectiveScan(torch.autograd.Function):
             *_strides(x, dt, B, C),
             CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p_grad, BLOCK_N=plan.block_n,
             HAS_D=D is not None, HAS_INIT=initial_state is not None, REVERSE=plan.reverse, DOT_F32=INTERPRET,
-            num_warps=plan.warps_grad, num_stages=plan.stages_grad)
+            num_warps=plan.warps_grad)
         group_sum = lambda t: t.view(batch, seqlen, ngroups, -1, dstate).sum(3, dtype=torch.float32)
         dinit = None if initial_state is None else rout[:, 0].to(initial_state.dtype)
         return (dx, ddt.sum(3).to(dt.dtype), dA.sum((0, 1, 3)).to(A.dtype), group_sum(dB).to(B.dtype),
