@@ -589,6 +589,16 @@ def _last_dim_contiguous(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def _takes_kernels(t):
+    """CUDA tensors run the Triton kernels, as do CPU ones under TRITON_INTERPRET=1."""
+    return t.is_cuda or CPU_KERNELS
+
+
+def _on_device(t):
+    """Triton launches on the current CUDA device: make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
 @torch.compiler.disable
 def selective_scan(x, dt, A, B, C, D=None, initial_state=None, reverse=False, state_every=None):
     """Mamba-2 selective scan. See the module docstring and DESIGN.md section 1.
@@ -600,12 +610,12 @@ def selective_scan(x, dt, A, B, C, D=None, initial_state=None, reverse=False, st
     CUDA tensors run the Triton kernels, as do CPU tensors under TRITON_INTERPRET=1; other CPU tensors
     take the vectorised PyTorch path."""
     _check_args(x, dt, A, B, C, D, initial_state, state_every, FLOAT_DTYPES)
-    if not (x.is_cuda or CPU_KERNELS):
+    if not _takes_kernels(x):
         return _scan_torch(x, dt, A, B, C, D, initial_state, reverse, state_every)
     x, B, C = (_last_dim_contiguous(t) for t in (x, B, C))
     A, D = A.contiguous(), None if D is None else D.contiguous()
     initial_state = None if initial_state is None else initial_state.contiguous()
-    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():  # Triton launches on the current device
+    with _on_device(x):
         y, states = _SelectiveScan.apply(x, dt, A, B, C, D, initial_state, bool(reverse),
                                          None if state_every is None else int(state_every))
     return y if state_every is None else (y, states)
@@ -727,13 +737,13 @@ def causal_conv(x, weight, bias=None, tail=None, reverse=False):
     reverse; weight (channels, W), bias (channels,) or None, tail (batch, W - 1, channels) or None (zeros):
     the inputs just before the sequence (after it when reverse). CUDA tensors (and CPU ones under
     TRITON_INTERPRET=1) run the fused kernel, other CPU tensors causal_conv_ref."""
-    if not (x.is_cuda or CPU_KERNELS):
+    if not _takes_kernels(x):
         tail = x.new_zeros(x.shape[0], weight.shape[1] - 1, x.shape[2]) if tail is None else tail
         return causal_conv_ref(x, weight, x.new_zeros(x.shape[2]) if bias is None else bias, tail.to(x.dtype), reverse)
     x = _last_dim_contiguous(x)
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
     tail = None if tail is None else tail.to(x.dtype).contiguous()
-    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+    with _on_device(x):
         return _CausalConv.apply(x, weight, bias, tail, bool(reverse))
 
 
@@ -809,11 +819,11 @@ class _GatedNorm(torch.autograd.Function):
 def gated_rms_norm(y, z, weight, eps=1e-6):
     """RMSNorm(y * silu(z)) * weight over the last dim, in y's dtype; y, z: (..., d), weight: (d,). CUDA
     tensors (and CPU ones under TRITON_INTERPRET=1) run the fused kernel, other CPU tensors the reference."""
-    if not (y.is_cuda or CPU_KERNELS):
+    if not _takes_kernels(y):
         return gated_rms_norm_ref(y, z, weight, eps)
     shape, d = y.shape, y.shape[-1]
     y = y.reshape(-1, d).contiguous()
     z = z.reshape(-1, d)  # a view where it can be (z is a slice of in_proj's output): rows of stride z.stride(0)
     z = z if z.stride(-1) == 1 else z.contiguous()
-    with torch.cuda.device(y.device) if y.is_cuda else nullcontext():
+    with _on_device(y):
         return _GatedNorm.apply(y, z, weight.contiguous(), eps).view(shape)
