@@ -20,7 +20,8 @@ positions and the returned states send back); given those two, the chunks' gradi
 Writing Lam_t = dL/dS_t = exp(c_L - c_t) R + sum_{u>=t} exp(c_u - c_t) dy_u C_u^T, and dYX = dy x^T:
 
   - the forward kernel, in a state-only mode, recomputes S after every chunk (chunk_states): the
-    backward keeps nothing per position, only chunk-boundary states;
+    backward keeps nothing per position, only chunk-boundary states (stored, like R below, in the
+    inputs' precision: the gradient kernel's products read them at that precision anyway);
   - _scan_adj_kernel walks the chunks from last to first carrying R alone, the only sequential work:
     R += dstates where a returned state ends the chunk, R is stored (chunk_adj), then
         R_prev = exp(c_L) R  +  (dy * exp(c))^T C
@@ -259,7 +260,7 @@ def _scan_fwd_kernel(
             if ((c + 1) % every == 0) | (c + 1 == nchunks):
                 j = c // every
                 out = states_ptr + ((b.to(tl.int64) * nstates + j) * nheads + h) * headdim * dstate
-                tl.store(out + pn, state, mask=mask_pn)
+                tl.store(out + pn, state.to(states_ptr.dtype.element_ty), mask=mask_pn)
 
 
 @triton.jit
@@ -319,7 +320,8 @@ def _scan_adj_kernel(
                              mask=mask_pn, other=0.0)
                 R += dS
         if WRITE_ADJ:  # (batch, nchunks, nheads, P, N)
-            tl.store(chunk_adj_ptr + ((b.to(tl.int64) * nchunks + c) * nheads + h) * PN + pn, R, mask=mask_pn)
+            tl.store(chunk_adj_ptr + ((b.to(tl.int64) * nchunks + c) * nheads + h) * PN + pn,
+                     R.to(chunk_adj_ptr.dtype.element_ty), mask=mask_pn)
 
         R = tl.exp(a_tot) * R + _dot(tl.trans(dy.to(tl.float32) * tl.exp(cs)[:, None]), Cm, DTYPE, DOT_F32)
 
@@ -374,12 +376,12 @@ def _scan_grad_kernel(
     # forward state at the chunk's start (the previous chunk's end, or the initial state); adjoint at its end
     chunk_row = (b.to(tl.int64) * nchunks + c) * nheads + h  # (batch, nchunks, nheads) row of this chunk
     if c > 0:
-        S = tl.load(chunk_states_ptr + (chunk_row - nheads) * PN + pn, mask=mask_pn, other=0.0)
+        S = tl.load(chunk_states_ptr + (chunk_row - nheads) * PN + pn, mask=mask_pn, other=0.0).to(tl.float32)
     elif HAS_INIT:
         S = tl.load(init_ptr + (b.to(tl.int64) * nheads + h) * PN + pn, mask=mask_pn, other=0.0).to(tl.float32)
     else:
         S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    R = tl.load(chunk_adj_ptr + chunk_row * PN + pn, mask=mask_pn, other=0.0)
+    R = tl.load(chunk_adj_ptr + chunk_row * PN + pn, mask=mask_pn, other=0.0).to(tl.float32)
 
     a = dt * A
     cs = tl.cumsum(a, 0)
@@ -472,14 +474,14 @@ def _strides(x, dt, B, C):
     return (*x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3])
 
 
-def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every):
+def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every, states_dtype=torch.float32):
     """Launch the forward kernel over plan.nseg segments; start is (batch, nseg, nheads, P, N) or None.
     Returns y (or None) and the states after every `every` chunks and at the end (or None)."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if write_y else None
     nstates = -(-plan.nchunks // every) if every else 0
-    states = x.new_empty(batch, nstates, nheads, headdim, dstate, dtype=torch.float32) if every else None
+    states = x.new_empty(batch, nstates, nheads, headdim, dstate, dtype=states_dtype) if every else None
     grid = (batch * nheads, -(-headdim // plan.block_p), plan.nseg)
     _scan_fwd_kernel[grid](
         x, dt, A, B, C, D, y, start, states,
@@ -555,10 +557,11 @@ class _SelectiveScan(torch.autograd.Function):
         dstates = None if dstates is None else dstates.contiguous()
         every = ctx.state_every // plan.chunk if ctx.state_every else 1
         f32 = dict(device=x.device, dtype=torch.float32)
-        # forward states at every chunk end, recomputed (segments start from their saved states)
-        _, chunk_states = _run_fwd(plan, x, dt, A, B, C, D, start, False, 1)
-        # adjoints at every chunk end
-        chunk_adj = torch.empty(batch, plan.nchunks, nheads, headdim, dstate, **f32)
+        # forward states and adjoints at every chunk end, the forward states recomputed (segments start from
+        # their saved states). Both are stored in the inputs' precision: the gradient kernel's products take
+        # them at that precision anyway, and in bfloat16 they are half the backward's memory traffic.
+        _, chunk_states = _run_fwd(plan, x, dt, A, B, C, D, start, False, 1, states_dtype=x.dtype)
+        chunk_adj = torch.empty(batch, plan.nchunks, nheads, headdim, dstate, device=x.device, dtype=x.dtype)
         rend = None
         if plan.nseg > 1:  # each segment's own adjoint, then chained from the last segment back
             rend = _pass(_run_adj(plan, dt, A, C, dy, dstates, every, None, None), logdecay, None, True)
