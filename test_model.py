@@ -97,12 +97,16 @@ def check_scan(inputs, reverse=False, state_every=None, tol=None, fn=selective_s
     for k, r in ref.items():
         if r is None:
             continue
-        if k == "dA":
-            # dA sums dt * dL/d(log-decay) over every position, and those terms cancel: measure the error
-            # against the size of the terms. The terms: dt * ddt minus the part of ddt that bypasses the decay.
-            dx_scan = ref["dx"] - (0 if inputs["D"] is None else inputs["D"].double()[:, None] * dy)
-            terms = inputs["dt"].double() * ref["ddt"] - (dx_scan * inputs["x"].double()).sum(-1)
-            scale = terms.abs().sum((0, 1)) / inputs["A"].double().abs()
+        if k in ("dA", "dD"):
+            # dA and dD are each one sum per head over every position, and their terms cancel: float32
+            # rounding is bounded by the size of the terms, not of the sum, so measure the error against
+            # that. dD's terms: dy * x. dA's: dt * ddt minus the part of ddt that bypasses the decay.
+            if k == "dD":
+                scale = (dy * inputs["x"].double()).abs().sum((0, 1, 3))
+            else:
+                dx_scan = ref["dx"] - (0 if inputs["D"] is None else inputs["D"].double()[:, None] * dy)
+                terms = inputs["dt"].double() * ref["ddt"] - (dx_scan * inputs["x"].double()).sum(-1)
+                scale = terms.abs().sum((0, 1)) / inputs["A"].double().abs()
             errors[k] = ((out[k].double() - r).abs() / scale).max().item()
         else:
             errors[k] = rel_err(out[k], r)
@@ -749,6 +753,27 @@ def test_samplers_keep_context_and_follow_the_seed(kind, torch_scan):
     g0 = run(seed=1, temperature=0, reveal="confidence")
     assert torch.equal(g0, run(seed=3, temperature=0, reveal="confidence")) and not (g0 == M).any()
     assert torch.equal(run(seed=5, top_p=0.5), run(seed=5, top_p=0.5))
+
+
+def test_random_reveal_is_ancestral():
+    # ancestral MDLM from t to s reveals each masked position with probability (t - s) / t: before step i
+    # of n, a fraction 1 - i / n of the positions masked at the start is still masked; given tokens stay
+    batch, length, steps, M = 64, 96, 8, 50257
+    x = torch.full((batch, length), M, device=DEVICE)
+    x[:, :length // 3] = 7
+    seen = []
+
+    def logits_fn(ids):
+        seen.append((ids == M).sum().item())
+        return torch.zeros(batch, length, M + 1, device=DEVICE)
+
+    g = torch.Generator(device=DEVICE).manual_seed(int(torch.randint(1 << 30, ())))
+    calls = diffusion.denoise(x, logits_fn, M, steps, 1.0, 1.0, "random", g)
+    masked = batch * (length - length // 3)
+    expected = [masked * (1 - i / steps) for i in range(steps)]
+    assert calls == steps == len(seen) and not (x == M).any() and (x[:, :length // 3] == 7).all()
+    for got, want in zip(seen, expected):  # a binomial count: within 5 standard deviations
+        assert abs(got - want) < 5 * (masked * 0.25) ** 0.5, (seen, expected)
 
 
 def test_block_sampler_logits_match_training(torch_scan):
