@@ -128,39 +128,48 @@ def pick_tokens(logits, temperature, top_p, generator, rows_at_once=256):
 
 def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator):
     """Unmask x (batch, n) in place over `steps` steps; logits_fn(x) gives logits (batch, n, vocab).
-    Positions that are not masked at the start are kept. Random reveal chooses the positions first and
-    draws tokens for those alone; confidence reveal draws for every masked position and keeps the k whose
-    drawn token is most probable. Returns the number of model calls."""
+    Positions that are not masked at the start are kept. Steps that reveal nothing call no model.
+    Returns the number of model calls.
+
+    Random reveal is ancestral MDLM: from t to s each masked position is revealed with probability
+    (t - s) / t. Under the linear schedule that makes a position's reveal step uniform over the steps and
+    independent of the tokens drawn, so every step is drawn up front, and the loop needs no host sync: the
+    CPU queues the model calls ahead of the GPU. Confidence reveal draws for every masked position and
+    keeps the k whose drawn token is most probable, k the expected number revealed."""
     if reveal not in ("random", "confidence"):
         raise ValueError(f"reveal must be 'random' or 'confidence', got {reveal!r}")
+    masked = x == mask_id
+    calls = 0
+    if reveal == "random":
+        u = torch.rand(x.shape, generator=generator, device=x.device)
+        step = torch.where(masked, (u * steps).long().clamp_max(steps - 1), steps).flatten()
+        order = step.argsort(stable=True)  # positions grouped by reveal step
+        first = 0
+        for n in torch.bincount(step, minlength=steps + 1)[:steps].tolist():  # the one host sync
+            if n:
+                pos = order[first:first + n]
+                rows = (pos // x.shape[1], pos % x.shape[1])
+                x[rows] = pick_tokens(logits_fn(x)[rows], temperature, top_p, generator)[0]
+                calls, first = calls + 1, first + n
+        return calls
     ts = torch.linspace(1, 0, steps + 1).tolist()
-    logits, calls = None, 0
+    logits = None
     for t, s in zip(ts[:-1], ts[1:]):
-        masked = x == mask_id
-        if not masked.any():
+        rows = masked.nonzero(as_tuple=True)
+        if not len(rows[0]):
             break
-        if reveal == "random" or s == 0:  # the last step reveals everything
-            chosen = masked if s == 0 else masked & (torch.rand(x.shape, generator=generator, device=x.device) < (t - s) / t)
-            if not chosen.any():
-                continue
-            if logits is None:
-                logits = logits_fn(x)
-                calls += 1
-            rows = chosen.nonzero(as_tuple=True)
-            x[rows] = pick_tokens(logits[rows], temperature, top_p, generator)[0]
-        else:  # the k most confident masked positions of each row, k the expected number revealed
-            if logits is None:
-                logits = logits_fn(x)
-                calls += 1
-            rows = masked.nonzero(as_tuple=True)
-            tokens, probs = pick_tokens(logits[rows], temperature, top_p, generator)
-            score = torch.full(x.shape, -1.0, dtype=torch.float64, device=x.device)
-            score[rows] = probs
-            k = torch.round(masked.sum(1) * (t - s) / t).long()
-            keep = (score.argsort(1, descending=True).argsort(1) < k[:, None])[rows]
-            if not keep.any():
-                continue
-            x[rows[0][keep], rows[1][keep]] = tokens[keep]
+        if logits is None:
+            logits = logits_fn(x)
+            calls += 1
+        tokens, probs = pick_tokens(logits[rows], temperature, top_p, generator)
+        score = torch.full(x.shape, -1.0, dtype=torch.float64, device=x.device)
+        score[rows] = probs
+        k = torch.round(masked.sum(1) * (t - s) / t).long()  # the last step (s = 0) reveals everything
+        keep = (score.argsort(1, descending=True).argsort(1) < k[:, None])[rows]
+        if not keep.any():
+            continue
+        x[rows[0][keep], rows[1][keep]] = tokens[keep]
+        masked[rows[0][keep], rows[1][keep]] = False
         logits = None  # the input changed: the next step needs new logits
     return calls
 
