@@ -462,7 +462,8 @@ class _Plan:
         # backward, from a sweep on an H200: the sequential adjoint kernel holds one state tile (R) across its
         # loop, best at 4 warps without pipelining; the per-chunk gradient kernel holds two (S, R) and has no
         # loop, best at 8 warps (headdim tiles of 32 spill and run ten times slower). At 255 registers a thread
-        # it runs one block per multiprocessor and is latency-bound (Nsight Compute, README)
+        # it runs one block per multiprocessor and is latency-bound (Nsight Compute, README); 16 warps or a
+        # register cap spill and run slower (H100)
         self.block_p_adj, self.warps_adj, self.stages_adj = self.block_p, 4, 1
         self.block_p_grad, self.warps_grad = self.block_p, 8
         # a program walks seg_chunks chunks in sequence; segments run in parallel, chained by _pass_kernel.
