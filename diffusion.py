@@ -143,14 +143,14 @@ def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator)
     if reveal == "random":
         u = torch.rand(x.shape, generator=generator, device=x.device)
         step = torch.where(masked, (u * steps).long().clamp_max(steps - 1), steps).flatten()
-        order = step.argsort(stable=True)  # positions grouped by reveal step
-        first = 0
-        for n in torch.bincount(step, minlength=steps + 1)[:steps].tolist():  # the one host sync
-            if n:
-                pos = order[first:first + n]
+        step, order = step.sort(stable=True)  # positions grouped by reveal step (steps: never)
+        bounds = torch.searchsorted(step, torch.arange(steps + 1, device=x.device)).tolist()  # the one host sync
+        for first, last in zip(bounds[:-1], bounds[1:]):
+            if last > first:
+                pos = order[first:last]
                 rows = (pos // x.shape[1], pos % x.shape[1])
                 x[rows] = pick_tokens(logits_fn(x)[rows], temperature, top_p, generator)[0]
-                calls, first = calls + 1, first + n
+                calls += 1
         return calls
     ts = torch.linspace(1, 0, steps + 1).tolist()
     logits = None
