@@ -194,6 +194,18 @@ def _dot(a, b, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _load_chunk(base, stride_l, c, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK: tl.constexpr,
+                REVERSE: tl.constexpr):
+    """Rows of chunk c (scan order) of a (seqlen, headdim) slice at base, columns offs_p; zeros outside the
+    chunks c0 to c1 - 1."""
+    i = c * CHUNK + offs_l
+    valid = (offs_l < CHUNK) & (i >= c0 * CHUNK) & (i < tl.minimum(seqlen, c1 * CHUNK))
+    pos = (seqlen - 1 - i if REVERSE else i).to(tl.int64)
+    return tl.load(base + pos[:, None] * stride_l + offs_p[None, :], mask=valid[:, None] & (offs_p[None, :] < headdim),
+                   other=0.0)
+
+
+@triton.jit
 def _scan_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, start_ptr, states_ptr,
     seqlen, nheads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
@@ -229,14 +241,18 @@ def _scan_fwd_kernel(
     else:
         state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
+    # x feeds elementwise math as well as products, so Triton's pipeliner leaves its load in the iteration
+    # that uses it, where the warps then wait for it (Nsight Compute): load it one chunk ahead instead
+    x_next = _load_chunk(x_base, sx_l, c0, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
     for c in range(c0, c1):
+        x = x_next
+        x_next = _load_chunk(x_base, sx_l, c + 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
         i = c * CHUNK + offs_l
         valid = (offs_l < CHUNK) & (i < seqlen)
         pos = (seqlen - 1 - i if REVERSE else i).to(tl.int64)
         mask_lp = valid[:, None] & (offs_p[None, :] < headdim)
         mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
         dt = tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
-        x = tl.load(x_base + pos[:, None] * sx_l + offs_p[None, :], mask=mask_lp, other=0.0)
         Bm = tl.load(B_base + pos[:, None] * sB_l + offs_n[None, :], mask=mask_ln, other=0.0)
         a = dt * A
         cs = tl.cumsum(a, 0)
@@ -299,16 +315,18 @@ def _scan_adj_kernel(
     else:
         R = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
+    dy_next = _load_chunk(dy_base, nheads * headdim, c1 - 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
     for k in range(c1 - c0):
         c = c1 - 1 - k
+        dy = dy_next  # loaded a chunk ahead, as x in the forward kernel
+        dy_next = _load_chunk(dy_base, nheads * headdim, c - 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK,
+                              REVERSE)
         i = c * CHUNK + offs_l
         valid = (offs_l < CHUNK) & (i < seqlen)
         pos = (seqlen - 1 - i if REVERSE else i).to(tl.int64)
-        mask_lp = valid[:, None] & (offs_p[None, :] < headdim)
         mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
         dt = tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
         Cm = tl.load(C_base + pos[:, None] * sC_l + offs_n[None, :], mask=mask_ln, other=0.0)
-        dy = tl.load(dy_base + pos[:, None] * nheads * headdim + offs_p[None, :], mask=mask_lp, other=0.0)
         a = dt * A
         cs = tl.cumsum(a, 0)
         a_tot = tl.sum(a, 0)
@@ -466,9 +484,12 @@ class _Plan:
         # register cap spill and run slower (H100)
         self.block_p_adj, self.warps_adj, self.stages_adj = self.block_p, 4, 1
         self.block_p_grad, self.warps_grad = self.block_p, 8
-        # a program walks seg_chunks chunks in sequence; segments run in parallel, chained by _pass_kernel.
-        # Longer segments move fewer states; shorter ones give more programs when batch * nheads is small.
-        self.seg_chunks = max(8 if batch * nheads >= 128 else 16, -(-self.nchunks // 65535))  # grid axis limit
+        # a program walks seg_chunks chunks in sequence. From 128 (batch, head, headdim tile) programs up, one
+        # segment each fills the GPU (two programs per multiprocessor). Fewer split the sequence into segments
+        # of 16 chunks that run side by side, chained by _pass_kernel after a state-only pass; shorter segments
+        # move more states through the chaining (H100, README).
+        programs = batch * nheads * -(-headdim // self.block_p)
+        self.seg_chunks = self.nchunks if programs >= 128 else max(16, -(-self.nchunks // 65535))  # grid axis limit
         self.nseg = -(-self.nchunks // self.seg_chunks)
 
 
