@@ -393,13 +393,16 @@ def _scan_grad_kernel(
     dy = tl.load(dy_ptr + rows[:, None] * headdim + offs_p[None, :], mask=mask_lp, other=0.0)
     # forward state at the chunk's start (the previous chunk's end, or the initial state); adjoint at its end
     chunk_row = (b.to(tl.int64) * nchunks + c) * nheads + h  # (batch, nchunks, nheads) row of this chunk
+    # both kept in their stored precision (the products read them at it) once their one plain sum is taken
+    SDTYPE: tl.constexpr = chunk_states_ptr.dtype.element_ty
     if c > 0:
-        S = tl.load(chunk_states_ptr + (chunk_row - nheads) * PN + pn, mask=mask_pn, other=0.0).to(tl.float32)
+        S = tl.load(chunk_states_ptr + (chunk_row - nheads) * PN + pn, mask=mask_pn, other=0.0)
     elif HAS_INIT:
-        S = tl.load(init_ptr + (b.to(tl.int64) * nheads + h) * PN + pn, mask=mask_pn, other=0.0).to(tl.float32)
+        S = tl.load(init_ptr + (b.to(tl.int64) * nheads + h) * PN + pn, mask=mask_pn, other=0.0).to(SDTYPE)
     else:
-        S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    R = tl.load(chunk_adj_ptr + chunk_row * PN + pn, mask=mask_pn, other=0.0).to(tl.float32)
+        S = tl.zeros((BLOCK_P, BLOCK_N), dtype=SDTYPE)
+    R = tl.load(chunk_adj_ptr + chunk_row * PN + pn, mask=mask_pn, other=0.0)
+    RS = tl.sum(tl.sum(R.to(tl.float32) * S.to(tl.float32), 1), 0)
 
     a = dt * A
     cs = tl.cumsum(a, 0)
@@ -410,20 +413,22 @@ def _scan_grad_kernel(
     G = _dot(Cm, tl.trans(Bm), DTYPE, DOT_F32)
     dYXM = _dot(dy, tl.trans(x), DTYPE, DOT_F32) * M
     dC_in = tl.exp(cs)[:, None] * _dot(dy, S, DTYPE, DOT_F32)  # through the incoming state
+    BRt = _dot(Bm, tl.trans(R), DTYPE, DOT_F32)
     xR = exp_tail[:, None] * _dot(x, R, DTYPE, DOT_F32)  # through the outgoing adjoint
     dC = dC_in + _dot(dYXM * dt[None, :], Bm, DTYPE, DOT_F32)
     dB = dt[:, None] * (xR + _dot(tl.trans(dYXM), Cm, DTYPE, DOT_F32))
-    LB = _dot(tl.trans(G * M), dy, DTYPE, DOT_F32) + exp_tail[:, None] * _dot(Bm, tl.trans(R), DTYPE, DOT_F32)
+    LB = _dot(tl.trans(G * M), dy, DTYPE, DOT_F32) + exp_tail[:, None] * BRt
     xf = x.to(tl.float32)
     dyf = dy.to(tl.float32)
     # dL/da_t = exp(a_t) <Lam_t, S_{t-1}>, split by where Lam and S come from (R or later dy;
     # S or earlier inputs). Every term is a plain sum, so nothing cancels.
-    from_in = tl.sum(Cm.to(tl.float32) * dC_in, 1)  # u >= t: exp(c_u) dy_u^T S C_u
-    from_out = dt * tl.sum(Bm.to(tl.float32) * xR, 1)  # s < t: exp(c_L - c_s) dt_s x_s^T R B_s
+    # (as sums over headdim, of dy with C S^T and of x with B R^T: narrower than dstate)
+    from_in = tl.exp(cs) * tl.sum(dyf * _dot(Cm, tl.trans(S), DTYPE, DOT_F32), 1)  # u >= t: exp(c_u) dy_u^T S C_u
+    from_out = dt * exp_tail * tl.sum(xf * BRt, 1)  # s < t: exp(c_L - c_s) dt_s x_s^T R B_s
     # within the chunk: sum over u >= t > s of exp(c_u - c_s) dt_s (dy_u . x_s)(C_u . B_s)
     inner = tl.cumsum(dYXM * G * dt[None, :], 0, reverse=True)  # [t, s]: summed over u >= t
     inner = tl.sum(tl.where(offs_l[:, None] > offs_l[None, :], inner, 0.0), 1)
-    da = (tl.exp(a_tot) * tl.sum(tl.sum(R * S, 1), 0) + tl.cumsum(from_in, 0, reverse=True)
+    da = (tl.exp(a_tot) * RS + tl.cumsum(from_in, 0, reverse=True)
           + tl.cumsum(from_out, 0) - from_out + inner)
     dx = dt[:, None] * LB
     if HAS_D:
@@ -477,13 +482,13 @@ class _Plan:
         # the state tile lives in registers: 64 x 128 floats or fewer
         self.block_p = max(16, min(triton.next_power_of_2(headdim), 8192 // self.block_n))
         self.warps, self.stages = 4, 2
-        # backward, from a sweep on an H200: the sequential adjoint kernel holds one state tile (R) across its
-        # loop, best at 4 warps without pipelining; the per-chunk gradient kernel holds two (S, R) and has no
-        # loop, best at 8 warps (headdim tiles of 32 spill and run ten times slower). At 255 registers a thread
-        # it runs one block per multiprocessor and is latency-bound (Nsight Compute, README); 16 warps or a
-        # register cap spill and run slower (H100)
+        # backward: the sequential adjoint kernel holds one state tile (R) across its loop, best at 4 warps
+        # without pipelining (H200). The per-chunk gradient kernel holds two (S, R) and has no loop, so its
+        # warps wait on its loads (Nsight Compute, README): two blocks per multiprocessor beat one. At 4 warps
+        # it takes 255 registers a thread and spills about 20, and runs 20-27% faster than at 8 (H100).
+        # Headdim tiles of 32 spill hundreds of registers; 16 warps or a register cap run slower.
         self.block_p_adj, self.warps_adj, self.stages_adj = self.block_p, 4, 1
-        self.block_p_grad, self.warps_grad = self.block_p, 8
+        self.block_p_grad, self.warps_grad = self.block_p, 4
         # a program walks seg_chunks chunks in sequence. From 128 (batch, head, headdim tile) programs up, one
         # segment each fills the GPU (two programs per multiprocessor). Fewer split the sequence into segments
         # of 16 chunks that run side by side, chained by _pass_kernel after a state-only pass; shorter segments
