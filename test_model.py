@@ -129,6 +129,7 @@ SCAN_CASES = [
     (2, 64, 4, 32, 2, 32, torch.bfloat16, True, True, False, 64),
     (2, 80, 4, 64, 1, 64, torch.bfloat16, False, False, True, 16),
     (1, 512, 2, 16, 1, 16, torch.bfloat16, True, True, True, 64),
+    (1, 800, 1, 16, 1, 32, torch.bfloat16, True, True, False, None),  # segments in 16-bit: 4x state-only chunks
 ]
 
 
