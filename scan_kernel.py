@@ -490,7 +490,7 @@ class _Plan:
         # without pipelining (H200). The per-chunk gradient kernel holds two (S, R) and has no loop, so its
         # warps wait on its loads (Nsight Compute, README): two blocks per multiprocessor beat one. At 4 warps
         # it takes 255 registers a thread and spills about 20, and runs 20-27% faster than at 8 (H100).
-        # Headdim tiles of 32 spill hundreds of registers; 16 warps or a register cap run slower.
+        # Headdim tiles of 32 spill 84 registers or more; 16 warps or a register cap run slower.
         self.block_p_adj, self.warps_adj, self.stages_adj = self.block_p, 4, 1
         self.block_p_grad, self.warps_grad = self.block_p, 4
         # a program walks seg_chunks chunks in sequence. From 128 (batch, head, headdim tile) programs up, one
@@ -513,8 +513,9 @@ def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every, states_dtype=torch.
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
     chunk = plan.chunk * coarse
+    nchunks = -(-seqlen // chunk)
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if write_y else None
-    nstates = -(-(-(-seqlen // chunk)) // every) if every else 0
+    nstates = -(-nchunks // every) if every else 0
     states = x.new_empty(batch, nstates, nheads, headdim, dstate, dtype=states_dtype) if every else None
     grid = (batch * nheads, -(-headdim // plan.block_p), plan.nseg)
     _scan_fwd_kernel[grid](
