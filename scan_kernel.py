@@ -471,6 +471,11 @@ def _pass_kernel(local_ptr, logdecay_ptr, init_ptr, out_ptr, nseg, nheads, size,
 # launch planning and the autograd function
 
 
+def _tile(n):
+    """The tile that covers n rows or columns: a power of two, at least tl.dot's 16."""
+    return max(16, triton.next_power_of_2(n))
+
+
 class _Plan:
     """Chunk, tile and segment sizes for one problem shape, from a sweep on an H200 (README)."""
 
@@ -478,8 +483,8 @@ class _Plan:
         self.reverse = reverse
         self.chunk = _chunk_len(seqlen, state_every)
         self.nchunks = -(-seqlen // self.chunk)
-        self.block_l = max(16, triton.next_power_of_2(self.chunk))
-        self.block_n = max(16, triton.next_power_of_2(dstate))
+        self.block_l = _tile(self.chunk)
+        self.block_n = _tile(dstate)
         # the state tile lives in registers: 64 x 128 floats or fewer
         self.block_p = max(16, min(triton.next_power_of_2(headdim), 8192 // self.block_n))
         self.warps, self.stages = 4, 2
@@ -522,7 +527,7 @@ def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every, states_dtype=torch.
         x, dt, A, B, C, D, y, start, states,
         seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks // coarse, every or 1, nstates,
         *_strides(x, dt, B, C),
-        CHUNK=chunk, BLOCK_L=max(16, triton.next_power_of_2(chunk)), BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
+        CHUNK=chunk, BLOCK_L=_tile(chunk), BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
         HAS_D=D is not None, HAS_START=start is not None, WRITE_Y=write_y, WRITE_STATES=bool(every),
         REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps, num_stages=plan.stages)
     return y, states
