@@ -19,13 +19,15 @@ The backward needs, per chunk, the forward state S at its start and R = dL/dS at
 positions and the returned states send back); given those two, the chunks' gradients are independent.
 Writing Lam_t = dL/dS_t = exp(c_L - c_t) R + sum_{u>=t} exp(c_u - c_t) dy_u C_u^T, and dYX = dy x^T:
 
-  - the forward kernel, in a state-only mode, recomputes S after every chunk (chunk_states): the
-    backward keeps nothing per position, only chunk-boundary states (stored, like R below, in the
-    inputs' precision: the gradient kernel's products read them at that precision anyway);
+  - the forward kernel, in a state-only mode, recomputes S after every second chunk (pair_states): the
+    backward keeps nothing per position, only the states at the boundaries of pairs of chunks (stored,
+    like R below, in the inputs' precision: the gradient kernel's products read them at it anyway);
   - _scan_adj_kernel walks the chunks from last to first carrying R alone, the only sequential work:
-    R += dstates where a returned state ends the chunk, R is stored (chunk_adj), then
+    R += dstates where a returned state ends the chunk, R is stored after every second chunk
+    (pair_adj), then
         R_prev = exp(c_L) R  +  (dy * exp(c))^T C
-  - _scan_grad_kernel, one program per chunk, takes S and R and computes
+  - _scan_grad_kernel, one program per chunk, takes S and R (the second chunk of a pair steps S on
+    through the first, S_next above; the first steps R back through the second) and computes
 
     dC     = exp(c) * (dy S)  +  (dYX * M * dt^T) B              [= S_t^T dy_t]
     LamB   = (C B^T * M)^T dy  +  exp(c_L - c) * (B R^T)          [row t: Lam_t B_t]
@@ -185,25 +187,46 @@ def _scan_torch(x, dt, A, B, C, D, initial_state, reverse, state_every):
 
 
 @triton.jit
-def _dot(a, b, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
-    """a @ b on the tensor cores in the inputs' precision, accumulated in float32."""
+def _dot(a, b, DTYPE: tl.constexpr, DOT_F32: tl.constexpr, acc=None):
+    """acc + a @ b on the tensor cores in the inputs' precision, accumulated in float32."""
     if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     if DTYPE == tl.float32:  # three tf32 products: float32 accuracy, still on the tensor cores
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
-    return tl.dot(a.to(DTYPE), b.to(DTYPE))
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    return tl.dot(a.to(DTYPE), b.to(DTYPE), acc)
+
+
+@triton.jit
+def _rows(c, offs_l, seqlen, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """The tile rows that hold chunk c (scan order), and their positions in memory."""
+    i = c * CHUNK + offs_l
+    valid = (offs_l < CHUNK) & (i < seqlen)
+    return valid, (seqlen - 1 - i if REVERSE else i).to(tl.int64)
 
 
 @triton.jit
 def _load_chunk(base, stride_l, c, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK: tl.constexpr,
                 REVERSE: tl.constexpr):
-    """Rows of chunk c (scan order) of a (seqlen, headdim) slice at base, columns offs_p; zeros outside the
-    chunks c0 to c1 - 1."""
+    """Rows of chunk c (scan order) of a (seqlen, headdim) slice at base, columns offs_p; zeros unless
+    c0 <= c < c1."""
+    valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
     i = c * CHUNK + offs_l
-    valid = (offs_l < CHUNK) & (i >= c0 * CHUNK) & (i < tl.minimum(seqlen, c1 * CHUNK))
-    pos = (seqlen - 1 - i if REVERSE else i).to(tl.int64)
+    valid = valid & (i >= c0 * CHUNK) & (i < c1 * CHUNK)
     return tl.load(base + pos[:, None] * stride_l + offs_p[None, :], mask=valid[:, None] & (offs_p[None, :] < headdim),
                    other=0.0)
+
+
+@triton.jit
+def _step(S, x, Bm, dt, cs, a_tot, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """S at the chunk's end from S at its start: exp(c_L) S + (x * exp(c_L - c) dt)^T B."""
+    xw = x.to(tl.float32) * (tl.exp(a_tot - cs) * dt)[:, None]
+    return _dot(tl.trans(xw), Bm, DTYPE, DOT_F32, tl.exp(a_tot) * S)
+
+
+@triton.jit
+def _step_back(R, dy, Cm, cs, a_tot, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """R = dL/dS at the chunk's start from R at its end: exp(c_L) R + (dy * exp(c))^T C."""
+    return _dot(tl.trans(dy.to(tl.float32) * tl.exp(cs)[:, None]), Cm, DTYPE, DOT_F32, tl.exp(a_tot) * R)
 
 
 @triton.jit
@@ -248,9 +271,7 @@ def _scan_fwd_kernel(
     for c in range(c0, c1):
         x = x_next
         x_next = _load_chunk(x_base, sx_l, c + 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
-        i = c * CHUNK + offs_l
-        valid = (offs_l < CHUNK) & (i < seqlen)
-        pos = (seqlen - 1 - i if REVERSE else i).to(tl.int64)
+        valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
         mask_lp = valid[:, None] & (offs_p[None, :] < headdim)
         mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
         dt = tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
@@ -270,8 +291,7 @@ def _scan_fwd_kernel(
             y_rows = (b.to(tl.int64) * seqlen + pos) * nheads * headdim + h * headdim
             tl.store(y_ptr + y_rows[:, None] + offs_p[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_lp)
 
-        xw = x.to(tl.float32) * (tl.exp(a_tot - cs) * dt)[:, None]
-        state = tl.exp(a_tot) * state + _dot(tl.trans(xw), Bm, DTYPE, DOT_F32)
+        state = _step(state, x, Bm, dt, cs, a_tot, DTYPE, DOT_F32)
 
         if WRITE_STATES:  # after every `every` chunks, and at the end
             if ((c + 1) % every == 0) | (c + 1 == nchunks):
@@ -282,7 +302,7 @@ def _scan_fwd_kernel(
 
 @triton.jit
 def _scan_adj_kernel(
-    dt_ptr, A_ptr, C_ptr, dy_ptr, dstates_ptr, rend_ptr, chunk_adj_ptr, rout_ptr,
+    dt_ptr, A_ptr, C_ptr, dy_ptr, dstates_ptr, rend_ptr, pair_adj_ptr, rout_ptr,
     seqlen, nheads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
     sdt_b, sdt_l, sdt_h, sC_b, sC_l, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -322,9 +342,7 @@ def _scan_adj_kernel(
         dy = dy_next  # loaded a chunk ahead, as x in the forward kernel
         dy_next = _load_chunk(dy_base, nheads * headdim, c - 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK,
                               REVERSE)
-        i = c * CHUNK + offs_l
-        valid = (offs_l < CHUNK) & (i < seqlen)
-        pos = (seqlen - 1 - i if REVERSE else i).to(tl.int64)
+        valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
         mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
         dt = tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
         Cm = tl.load(C_base + pos[:, None] * sC_l + offs_n[None, :], mask=mask_ln, other=0.0)
@@ -338,27 +356,29 @@ def _scan_adj_kernel(
                 dS = tl.load(dstates_ptr + ((b.to(tl.int64) * nstates + j) * nheads + h) * PN + pn,
                              mask=mask_pn, other=0.0)
                 R += dS
-        if WRITE_ADJ:  # (batch, nchunks, nheads, P, N)
-            tl.store(chunk_adj_ptr + ((b.to(tl.int64) * nchunks + c) * nheads + h) * PN + pn,
-                     R.to(chunk_adj_ptr.dtype.element_ty), mask=mask_pn)
+        if WRITE_ADJ:  # R at the end of each pair of chunks (the gradient kernel's): (batch, npairs, nheads, P, N)
+            if (c % 2 == 1) | (c + 1 == nchunks):
+                tl.store(pair_adj_ptr + ((b.to(tl.int64) * tl.cdiv(nchunks, 2) + c // 2) * nheads + h) * PN + pn,
+                         R.to(pair_adj_ptr.dtype.element_ty), mask=mask_pn)
 
-        R = tl.exp(a_tot) * R + _dot(tl.trans(dy.to(tl.float32) * tl.exp(cs)[:, None]), Cm, DTYPE, DOT_F32)
+        R = _step_back(R, dy, Cm, cs, a_tot, DTYPE, DOT_F32)
 
     tl.store(rout_ptr + ((b.to(tl.int64) * nseg + seg) * nheads + h) * PN + pn, R, mask=mask_pn)
 
 
 @triton.jit
 def _scan_grad_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, init_ptr, chunk_states_ptr, chunk_adj_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, init_ptr, dstates_ptr, pair_states_ptr, pair_adj_ptr,
     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
-    batch, seqlen, nheads, headdim, dstate, heads_per_group,
+    batch, seqlen, nheads, headdim, dstate, heads_per_group, every, nstates,
     sx_b, sx_l, sx_h, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sC_b, sC_l, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DSTATES: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     # one program: one chunk of one (batch, head), one tile of headdim; S at the chunk's start and R at its
-    # end are given, so nothing is carried. Axis 0 is (chunk, batch * head), heads fastest (they share B
-    # and C): the only grid axis with room for every chunk of a long sequence.
+    # end are given or one step away, so nothing is carried. Axis 0 is (chunk, batch * head), heads fastest
+    # (they share B and C): the only grid axis with room for every chunk of a long sequence.
     # Every sum over headdim tiles or chunks (ddt, dB, dC, dA, dD) is a partial per program, summed
     # outside: no atomics.
     pid, pid_p = tl.program_id(0), tl.program_id(1)
@@ -372,37 +392,63 @@ def _scan_grad_kernel(
     offs_l = tl.arange(0, BLOCK_L)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    i = c * CHUNK + offs_l
-    valid = (offs_l < CHUNK) & (i < seqlen)
-    pos = (seqlen - 1 - i if REVERSE else i).to(tl.int64)
+    valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
     mask_lp = valid[:, None] & (offs_p[None, :] < headdim)
     mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
     mask_pn = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
     pn = offs_p[:, None] * dstate + offs_n[None, :]
     PN = headdim * dstate
     A = tl.load(A_ptr + h).to(tl.float32)
+    x_base = x_ptr + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
+    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + h.to(tl.int64) * sdt_h
+    B_base = B_ptr + b.to(tl.int64) * sB_b + g.to(tl.int64) * sB_g
+    C_base = C_ptr + b.to(tl.int64) * sC_b + g.to(tl.int64) * sC_g
+    dy_base = dy_ptr + b.to(tl.int64) * seqlen * nheads * headdim + h * headdim
 
-    dt = tl.load(dt_ptr + b.to(tl.int64) * sdt_b + h.to(tl.int64) * sdt_h + pos * sdt_l,
-                 mask=valid, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h + pos[:, None] * sx_l + offs_p[None, :],
-                mask=mask_lp, other=0.0)
-    Bm = tl.load(B_ptr + b.to(tl.int64) * sB_b + g.to(tl.int64) * sB_g + pos[:, None] * sB_l + offs_n[None, :],
-                 mask=mask_ln, other=0.0)
-    Cm = tl.load(C_ptr + b.to(tl.int64) * sC_b + g.to(tl.int64) * sC_g + pos[:, None] * sC_l + offs_n[None, :],
-                 mask=mask_ln, other=0.0)
-    rows = (b.to(tl.int64) * seqlen + pos) * nheads + h  # (batch, seqlen, nheads) row of each position
-    dy = tl.load(dy_ptr + rows[:, None] * headdim + offs_p[None, :], mask=mask_lp, other=0.0)
-    # forward state at the chunk's start (the previous chunk's end, or the initial state); adjoint at its end
-    chunk_row = (b.to(tl.int64) * nchunks + c) * nheads + h  # (batch, nchunks, nheads) row of this chunk
-    # both kept in their stored precision (the products read them at it) once their one plain sum is taken
-    SDTYPE: tl.constexpr = chunk_states_ptr.dtype.element_ty
-    if c > 0:
-        S = tl.load(chunk_states_ptr + (chunk_row - nheads) * PN + pn, mask=mask_pn, other=0.0)
+    # The forward state S at the chunk's start and the adjoint R at its end. Both are stored only at the
+    # boundaries of pairs of chunks (2q, 2q + 1), which halves the backward's largest memory traffic: an
+    # odd chunk's S is one forward step through its pair's first chunk, an even chunk's R one adjoint step
+    # back through its pair's second (empty past the sequence's end). Both are kept in their stored
+    # precision (the products read them at it) once their one plain sum is taken.
+    pair_row = (b.to(tl.int64) * tl.cdiv(nchunks, 2) + c // 2) * nheads + h  # (batch, npairs, nheads) row
+    SDTYPE: tl.constexpr = pair_states_ptr.dtype.element_ty
+    if c > 1:
+        S = tl.load(pair_states_ptr + (pair_row - nheads) * PN + pn, mask=mask_pn, other=0.0)
     elif HAS_INIT:
         S = tl.load(init_ptr + (b.to(tl.int64) * nheads + h) * PN + pn, mask=mask_pn, other=0.0).to(SDTYPE)
     else:
         S = tl.zeros((BLOCK_P, BLOCK_N), dtype=SDTYPE)
-    R = tl.load(chunk_adj_ptr + chunk_row * PN + pn, mask=mask_pn, other=0.0)
+    R = tl.load(pair_adj_ptr + pair_row * PN + pn, mask=mask_pn, other=0.0)
+    if c % 2 == 1:
+        v, p = _rows(c - 1, offs_l, seqlen, CHUNK, REVERSE)
+        dt_prev = tl.load(dt_base + p * sdt_l, mask=v, other=0.0).to(tl.float32)
+        x_prev = _load_chunk(x_base, sx_l, c - 1, 0, nchunks, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
+        B_prev = tl.load(B_base + p[:, None] * sB_l + offs_n[None, :], mask=v[:, None] & (offs_n[None, :] < dstate),
+                         other=0.0)
+        a = dt_prev * A
+        S = _step(S.to(tl.float32), x_prev, B_prev, dt_prev, tl.cumsum(a, 0), tl.sum(a, 0), DTYPE, DOT_F32)
+        S = S.to(SDTYPE)
+    else:
+        v, p = _rows(c + 1, offs_l, seqlen, CHUNK, REVERSE)
+        a = tl.load(dt_base + p * sdt_l, mask=v, other=0.0).to(tl.float32) * A
+        dy_next = _load_chunk(dy_base, nheads * headdim, c + 1, 0, nchunks, seqlen, offs_l, offs_p, headdim, CHUNK,
+                              REVERSE)
+        C_next = tl.load(C_base + p[:, None] * sC_l + offs_n[None, :], mask=v[:, None] & (offs_n[None, :] < dstate),
+                         other=0.0)
+        R = _step_back(R.to(tl.float32), dy_next, C_next, tl.cumsum(a, 0), tl.sum(a, 0), DTYPE, DOT_F32)
+        if HAS_DSTATES:  # a returned state ends this chunk
+            if ((c + 1) % every == 0) & (c + 1 < nchunks):
+                j = (c + 1) // every - 1
+                R += tl.load(dstates_ptr + ((b.to(tl.int64) * nstates + j) * nheads + h) * PN + pn, mask=mask_pn,
+                             other=0.0)
+        R = R.to(SDTYPE)
+
+    dt = tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
+    x = tl.load(x_base + pos[:, None] * sx_l + offs_p[None, :], mask=mask_lp, other=0.0)
+    Bm = tl.load(B_base + pos[:, None] * sB_l + offs_n[None, :], mask=mask_ln, other=0.0)
+    Cm = tl.load(C_base + pos[:, None] * sC_l + offs_n[None, :], mask=mask_ln, other=0.0)
+    rows = (b.to(tl.int64) * seqlen + pos) * nheads + h  # (batch, seqlen, nheads) row of each position
+    dy = tl.load(dy_ptr + rows[:, None] * headdim + offs_p[None, :], mask=mask_lp, other=0.0)
     RS = tl.sum(tl.sum(R.to(tl.float32) * S.to(tl.float32), 1), 0)
 
     a = dt * A
@@ -442,6 +488,7 @@ def _scan_grad_kernel(
     part = (rows[:, None] * nptiles + pid_p) * dstate + offs_n[None, :]
     tl.store(dB_ptr + part, dB.to(dB_ptr.dtype.element_ty), mask=mask_ln)
     tl.store(dC_ptr + part, dC.to(dC_ptr.dtype.element_ty), mask=mask_ln)
+    chunk_row = (b.to(tl.int64) * nchunks + c) * nheads + h
     tl.store(dA_ptr + chunk_row * nptiles + pid_p, tl.sum(dt * da, 0))
     if HAS_D:
         tl.store(dD_ptr + chunk_row * nptiles + pid_p, tl.sum(tl.sum(dyf * xf, 1), 0))
@@ -533,19 +580,20 @@ def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every, states_dtype=torch.
     return y, states
 
 
-def _run_adj(plan, dt, A, C, dy, dstates, every, rend, chunk_adj):
+def _run_adj(plan, dt, A, C, dy, dstates, every, rend, pair_adj):
     """Launch the adjoint kernel over plan.nseg segments, from rend (batch, nseg, nheads, P, N) or from zero.
-    Writes R at every chunk's end into chunk_adj unless it is None; returns R entering each segment."""
+    Writes R at the end of every pair of chunks into pair_adj unless it is None; returns R entering each
+    segment."""
     batch, seqlen, nheads, headdim = dy.shape
     ngroups, dstate = C.shape[2:]
     rout = dy.new_empty(batch, plan.nseg, nheads, headdim, dstate, dtype=torch.float32)
     grid = (batch * nheads, -(-headdim // plan.block_p_adj), plan.nseg)
     _scan_adj_kernel[grid](
-        dt, A, C, dy, dstates, rend, chunk_adj, rout,
+        dt, A, C, dy, dstates, rend, pair_adj, rout,
         seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks, every, plan.nchunks // every,
         *dt.stride(), *C.stride()[:3],
         CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p_adj, BLOCK_N=plan.block_n,
-        HAS_DSTATES=dstates is not None, HAS_REND=rend is not None, WRITE_ADJ=chunk_adj is not None,
+        HAS_DSTATES=dstates is not None, HAS_REND=rend is not None, WRITE_ADJ=pair_adj is not None,
         REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps_adj, num_stages=plan.stages_adj)
     return rout
 
@@ -598,15 +646,16 @@ class _SelectiveScan(torch.autograd.Function):
         dstates = None if dstates is None else dstates.contiguous()
         every = ctx.state_every // plan.chunk if ctx.state_every else 1
         f32 = dict(device=x.device, dtype=torch.float32)
-        # forward states and adjoints at every chunk end, the forward states recomputed (segments start from
-        # their saved states). Both are stored in the inputs' precision: the gradient kernel's products take
-        # them at that precision anyway, and in bfloat16 they are half the backward's memory traffic.
-        _, chunk_states = _run_fwd(plan, x, dt, A, B, C, D, start, False, 1, states_dtype=x.dtype)
-        chunk_adj = torch.empty(batch, plan.nchunks, nheads, headdim, dstate, device=x.device, dtype=x.dtype)
+        # forward states and adjoints at the end of every pair of chunks, the forward states recomputed
+        # (segments start from their saved states). Both are stored in the inputs' precision: the gradient
+        # kernel's products take them at that precision anyway, and in bfloat16 they are half the memory traffic.
+        _, pair_states = _run_fwd(plan, x, dt, A, B, C, D, start, False, 2, states_dtype=x.dtype)
+        npairs = -(-plan.nchunks // 2)
+        pair_adj = torch.empty(batch, npairs, nheads, headdim, dstate, device=x.device, dtype=x.dtype)
         rend = None
         if plan.nseg > 1:  # each segment's own adjoint, then chained from the last segment back
             rend = _pass(_run_adj(plan, dt, A, C, dy, dstates, every, None, None), logdecay, None, True)
-        rout = _run_adj(plan, dt, A, C, dy, dstates, every, rend, chunk_adj)
+        rout = _run_adj(plan, dt, A, C, dy, dstates, every, rend, pair_adj)
         # every chunk's gradients, side by side
         nptiles = -(-headdim // plan.block_p_grad)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -616,13 +665,13 @@ class _SelectiveScan(torch.autograd.Function):
         dA = torch.empty(batch, plan.nchunks, nheads, nptiles, **f32)
         dD = torch.empty(batch, plan.nchunks, nheads, nptiles, **f32) if D is not None else None
         _scan_grad_kernel[(plan.nchunks * batch * nheads, nptiles)](
-            x, dt, A, B, C, D, dy, initial_state, chunk_states, chunk_adj,
+            x, dt, A, B, C, D, dy, initial_state, dstates, pair_states, pair_adj,
             dx, ddt, dB, dC, dA, dD,
-            batch, seqlen, nheads, headdim, dstate, nheads // ngroups,
+            batch, seqlen, nheads, headdim, dstate, nheads // ngroups, every, plan.nchunks // every,
             *_strides(x, dt, B, C),
             CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p_grad, BLOCK_N=plan.block_n,
-            HAS_D=D is not None, HAS_INIT=initial_state is not None, REVERSE=plan.reverse, DOT_F32=INTERPRET,
-            num_warps=plan.warps_grad)
+            HAS_D=D is not None, HAS_INIT=initial_state is not None, HAS_DSTATES=dstates is not None,
+            REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps_grad)
         group_sum = lambda t: t.view(batch, seqlen, ngroups, -1, dstate).sum(3, dtype=torch.float32)
         dinit = None if initial_state is None else rout[:, 0].to(initial_state.dtype)
         return (dx, ddt.sum(3).to(dt.dtype), dA.sum((0, 1, 3)).to(A.dtype), group_sum(dB).to(B.dtype),

@@ -130,6 +130,7 @@ SCAN_CASES = [
     (2, 80, 4, 64, 1, 64, torch.bfloat16, False, False, True, 16),
     (1, 512, 2, 16, 1, 16, torch.bfloat16, True, True, True, 64),
     (1, 800, 1, 16, 1, 32, torch.bfloat16, True, True, False, None),  # segments in 16-bit: 4x state-only chunks
+    (1, 1536, 1, 16, 1, 16, torch.bfloat16, False, True, True, 128),  # ... with returned states
 ]
 
 
@@ -139,12 +140,17 @@ def test_scan_matches_reference(batch, seqlen, nheads, headdim, ngroups, dstate,
     check_scan(inputs, reverse, state_every)
 
 
-def test_cases_cover_one_and_many_segments():
+def test_cases_cover_the_kernels_paths():
     # a program scans a few chunks in sequence and segments are chained between kernels: the cases above
-    # must reach both the single-segment path and the chained one, with a partial last segment
-    nsegs = [scan_kernel._Plan(b, l, h, p, n, every, rev) for b, l, h, p, g, n, dt, D, init, rev, every in SCAN_CASES]
-    assert any(plan.nseg == 1 for plan in nsegs)
-    assert any(plan.nseg > 1 and plan.nchunks % plan.seg_chunks for plan in nsegs)
+    # must reach both the single-segment path and the chained one, with a partial last segment. The backward
+    # stores states at the boundaries of pairs of chunks: they must reach an odd chunk count (a last pair
+    # with an empty second chunk) and a returned state that ends a pair's first chunk.
+    cases = [(scan_kernel._Plan(b, l, h, p, n, every, rev), every)
+             for b, l, h, p, g, n, dt, D, init, rev, every in SCAN_CASES]
+    assert any(plan.nseg == 1 for plan, _ in cases)
+    assert any(plan.nseg > 1 and plan.nchunks % plan.seg_chunks for plan, _ in cases)
+    assert any(plan.nchunks % 2 for plan, _ in cases)
+    assert any(every and every // plan.chunk % 2 and plan.nchunks > 2 for plan, every in cases)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
