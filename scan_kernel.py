@@ -12,7 +12,7 @@ The kernels cut the sequence into chunks of L positions and carry S from chunk t
 chunk, with c_t = sum_{s<=t} dt_s A (the cumulative log-decay from the chunk's start) and the
 decay mask M_ts = exp(c_t - c_s) for s <= t (0 otherwise), everything is a handful of matrix products:
 
-    y      = (C B^T * M * dt^T) x  +  exp(c) * (C S^T)  +  D x                     (L x P)
+    y      = (C B^T * M * dt^T) x  +  exp(c) * (C S^T)  +  D x       (L x P; the kernel forms y^T)
     S_next = exp(c_L) S  +  (x * exp(c_L - c) dt)^T B                                (P x N)
 
 The backward needs, per chunk, the forward state S at its start and R = dL/dS at its end (what later
@@ -282,14 +282,19 @@ def _scan_fwd_kernel(
 
         if WRITE_Y:
             Cm = tl.load(C_base + pos[:, None] * sC_l + offs_n[None, :], mask=mask_ln, other=0.0)
-            causal = offs_l[:, None] >= offs_l[None, :]
-            M = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-            W = _dot(Cm, tl.trans(Bm), DTYPE, DOT_F32) * M * dt[None, :]
-            y = _dot(W, x, DTYPE, DOT_F32) + tl.exp(cs)[:, None] * _dot(Cm, tl.trans(state), DTYPE, DOT_F32)
+            # computed transposed, y^T (P x L): S (P x N) is then a product's left operand, taken straight
+            # from registers instead of through shared memory every chunk (218 registers against 250, 23 KB
+            # of shared memory against 35, 4-6% faster on an H100)
+            causal_t = offs_l[None, :] >= offs_l[:, None]  # [s, t]: t >= s
+            M_t = tl.where(causal_t, tl.exp(tl.minimum(cs[None, :] - cs[:, None], 0.0)), 0.0)
+            W_t = _dot(Bm, tl.trans(Cm), DTYPE, DOT_F32) * M_t * dt[:, None]
+            x_t = tl.trans(x)
+            y_t = _dot(x_t, W_t, DTYPE, DOT_F32) + _dot(state, tl.trans(Cm), DTYPE, DOT_F32) * tl.exp(cs)[None, :]
             if HAS_D:
-                y += tl.load(D_ptr + h).to(tl.float32) * x.to(tl.float32)
+                y_t += tl.load(D_ptr + h).to(tl.float32) * x_t.to(tl.float32)
             y_rows = (b.to(tl.int64) * seqlen + pos) * nheads * headdim + h * headdim
-            tl.store(y_ptr + y_rows[:, None] + offs_p[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_lp)
+            tl.store(y_ptr + y_rows[None, :] + offs_p[:, None], y_t.to(y_ptr.dtype.element_ty),
+                     mask=tl.trans(mask_lp))
 
         state = _step(state, x, Bm, dt, cs, a_tot, DTYPE, DOT_F32)
 
