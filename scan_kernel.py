@@ -125,6 +125,11 @@ def selective_scan_ref(x, dt, A, B, C, D=None, initial_state=None, reverse=False
     return y if state_every is None else (y, torch.stack(states, 1))
 
 
+def _pow2(n):
+    """The smallest power of two >= n, in 0.1 us: triton.next_power_of_2 takes 1.5, and every scan needs a few."""
+    return 1 << (n - 1).bit_length()
+
+
 CHUNK = 32  # positions per chunk: measured best on an H200 (bench.py, README), smaller tiles spill less
 
 
@@ -132,7 +137,7 @@ def _chunk_len(seqlen, state_every):
     """Chunk length: CHUNK, or the largest divisor of state_every up to CHUNK, so that every returned state
     ends a chunk. (Tiles of 64 rows with float32 inputs failed on an H200: keep to 32.)"""
     if state_every is None:
-        return min(CHUNK, max(16, triton.next_power_of_2(seqlen)))
+        return min(CHUNK, max(16, _pow2(seqlen)))
     return max(d for d in range(1, CHUNK + 1) if state_every % d == 0)
 
 
@@ -231,14 +236,15 @@ def _step_back(R, dy, Cm, cs, a_tot, DTYPE: tl.constexpr, DOT_F32: tl.constexpr)
 
 @triton.jit
 def _scan_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, start_ptr, states_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, start_ptr, states_ptr, logdecay_ptr,
     seqlen, nheads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
     sx_b, sx_l, sx_h, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sC_b, sC_l, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_START: tl.constexpr, WRITE_Y: tl.constexpr, WRITE_STATES: tl.constexpr,
-    REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+    WRITE_LOGDECAY: tl.constexpr, REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    # one program: one (batch, head), one tile of headdim, one segment of chunks
+    # one program: one (batch, head), one tile of headdim, one segment of chunks. WRITE_LOGDECAY: also the
+    # segment's sum of dt A, (batch, nseg, nheads) (every headdim tile writes the same value)
     bh, pid_p, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // nheads, bh % nheads
     g = h // heads_per_group
@@ -268,6 +274,7 @@ def _scan_fwd_kernel(
     # x feeds elementwise math as well as products, so Triton's pipeliner leaves its load in the iteration
     # that uses it, where the warps then wait for it (Nsight Compute): load it one chunk ahead instead
     x_next = _load_chunk(x_base, sx_l, c0, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
+    logdecay = 0.0
     for c in range(c0, c1):
         x = x_next
         x_next = _load_chunk(x_base, sx_l, c + 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
@@ -279,6 +286,7 @@ def _scan_fwd_kernel(
         a = dt * A
         cs = tl.cumsum(a, 0)
         a_tot = tl.sum(a, 0)
+        logdecay += a_tot
 
         if WRITE_Y:
             Cm = tl.load(C_base + pos[:, None] * sC_l + offs_n[None, :], mask=mask_ln, other=0.0)
@@ -303,6 +311,8 @@ def _scan_fwd_kernel(
                 j = c // every
                 out = states_ptr + ((b.to(tl.int64) * nstates + j) * nheads + h) * headdim * dstate
                 tl.store(out + pn, state.to(states_ptr.dtype.element_ty), mask=mask_pn)
+    if WRITE_LOGDECAY:
+        tl.store(logdecay_ptr + (b.to(tl.int64) * nseg + seg) * nheads + h, logdecay)
 
 
 @triton.jit
@@ -525,7 +535,7 @@ def _pass_kernel(local_ptr, logdecay_ptr, init_ptr, out_ptr, nseg, nheads, size,
 
 def _tile(n):
     """The tile that covers n rows or columns: a power of two, at least tl.dot's 16."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, _pow2(n))
 
 
 class _Plan:
@@ -538,7 +548,7 @@ class _Plan:
         self.block_l = _tile(self.chunk)
         self.block_n = _tile(dstate)
         # the state tile lives in registers: 64 x 128 floats or fewer
-        self.block_p = max(16, min(triton.next_power_of_2(headdim), 8192 // self.block_n))
+        self.block_p = max(16, min(_pow2(headdim), 8192 // self.block_n))
         self.warps, self.stages = 4, 2
         # the state-only pass over segments has no L x L tiles: in 4x longer chunks it took about a third
         # less time on the long shape (H100, README); 16-bit inputs only, float32 ones overflow shared memory
@@ -552,10 +562,12 @@ class _Plan:
         self.block_p_grad, self.warps_grad = self.block_p, 4
         # a program walks seg_chunks chunks in sequence. From 128 (batch, head, headdim tile) programs up, one
         # segment each fills the GPU (two programs per multiprocessor). Fewer split the sequence into segments
-        # of 16 chunks that run side by side, chained by _pass_kernel after a state-only pass; shorter segments
-        # move more states through the chaining (H100, README).
+        # that run side by side, chained by _pass_kernel after a state-only pass: enough for about 256 programs,
+        # two per multiprocessor of an H100. More segments than that move more states through the chaining for
+        # no gain (H100, README). Segments are whole coarse chunks.
         programs = batch * nheads * -(-headdim // self.block_p)
-        self.seg_chunks = self.nchunks if programs >= 128 else max(16, -(-self.nchunks // 65535))  # grid axis limit
+        nseg = 1 if programs >= 128 else -(-256 // programs)
+        self.seg_chunks = self.coarse * -(-self.nchunks // (self.coarse * nseg))
         self.nseg = -(-self.nchunks // self.seg_chunks)
 
 
@@ -563,10 +575,13 @@ def _strides(x, dt, B, C):
     return (*x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3])
 
 
-def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every, states_dtype=torch.float32, coarse=1):
+def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every, states_dtype=torch.float32, coarse=1,
+             write_logdecay=False):
     """Launch the forward kernel over plan.nseg segments; start is (batch, nseg, nheads, P, N) or None.
-    Returns y (or None) and the states after every `every` chunks and at the end (or None). coarse > 1
-    (states only, dividing plan.seg_chunks) walks chunks that many times longer: fewer, larger steps."""
+    Returns y (or None), the states after every `every` chunks and at the end (or None), and with
+    write_logdecay each segment's sum of dt A in scan order, (batch, nseg, nheads) float32 (or None).
+    coarse > 1 (states only, dividing plan.seg_chunks) walks chunks that many times longer: fewer, larger
+    steps."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
     chunk = plan.chunk * coarse
@@ -574,15 +589,17 @@ def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every, states_dtype=torch.
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if write_y else None
     nstates = -(-nchunks // every) if every else 0
     states = x.new_empty(batch, nstates, nheads, headdim, dstate, dtype=states_dtype) if every else None
+    logdecay = x.new_empty(batch, plan.nseg, nheads, dtype=torch.float32) if write_logdecay else None
     grid = (batch * nheads, -(-headdim // plan.block_p), plan.nseg)
     _scan_fwd_kernel[grid](
-        x, dt, A, B, C, D, y, start, states,
+        x, dt, A, B, C, D, y, start, states, logdecay,
         seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks // coarse, every or 1, nstates,
         *_strides(x, dt, B, C),
         CHUNK=chunk, BLOCK_L=_tile(chunk), BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
         HAS_D=D is not None, HAS_START=start is not None, WRITE_Y=write_y, WRITE_STATES=bool(every),
-        REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps, num_stages=plan.stages)
-    return y, states
+        WRITE_LOGDECAY=write_logdecay, REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps,
+        num_stages=plan.stages)
+    return y, states, logdecay
 
 
 def _run_adj(plan, dt, A, C, dy, dstates, every, rend, pair_adj):
@@ -608,19 +625,24 @@ def _pass(local, logdecay, init, reverse):
     batch, nseg, nheads = logdecay.shape
     size = local.shape[3] * local.shape[4]
     out = torch.empty_like(local)
-    BLOCK = min(1024, triton.next_power_of_2(size))
+    BLOCK = min(1024, _pow2(size))
     _pass_kernel[(batch * nheads, -(-size // BLOCK))](
         local, logdecay, init, out, nseg, nheads, size, BLOCK=BLOCK, HAS_INIT=init is not None, REVERSE=reverse)
     return out
 
 
-def _segment_logdecay(plan, dt, A):
-    """sum of dt * A over each segment, in scan order: (batch, nseg, nheads) float32."""
-    a = dt.float() * A.float()
-    a = a.flip(1) if plan.reverse else a
-    seg_len = plan.seg_chunks * plan.chunk
-    a = torch.nn.functional.pad(a, (0, 0, 0, plan.nseg * seg_len - a.shape[1]))
-    return a.view(a.shape[0], plan.nseg, seg_len, -1).sum(2).contiguous()
+def _forward(x, dt, A, B, C, D, initial_state, reverse, state_every):
+    """y and the returned states; also the plan, each segment's starting state and log-decay (the backward's)."""
+    batch, seqlen, nheads, headdim = x.shape
+    plan = _Plan(batch, seqlen, nheads, headdim, B.shape[3], state_every, reverse)
+    start, logdecay = initial_state, None
+    if plan.nseg > 1:  # each segment's own final state, then chained
+        k = plan.coarse if x.element_size() == 2 else 1
+        _, local, logdecay = _run_fwd(plan, x, dt, A, B, C, D, None, False, plan.seg_chunks // k, coarse=k,
+                                      write_logdecay=True)
+        start = _pass(local, logdecay, initial_state, False)
+    y, states, _ = _run_fwd(plan, x, dt, A, B, C, D, start, True, state_every and state_every // plan.chunk)
+    return y, states, plan, start, logdecay
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -628,15 +650,7 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_state, reverse, state_every):
         ctx.set_materialize_grads(False)
-        batch, seqlen, nheads, headdim = x.shape
-        plan = _Plan(batch, seqlen, nheads, headdim, B.shape[3], state_every, reverse)
-        start, logdecay = initial_state, None
-        if plan.nseg > 1:  # each segment's own final state, then chained
-            k = plan.coarse if plan.seg_chunks % plan.coarse == 0 and x.element_size() == 2 else 1
-            _, local = _run_fwd(plan, x, dt, A, B, C, D, None, False, plan.seg_chunks // k, coarse=k)
-            logdecay = _segment_logdecay(plan, dt, A)
-            start = _pass(local, logdecay, initial_state, False)
-        y, states = _run_fwd(plan, x, dt, A, B, C, D, start, True, state_every and state_every // plan.chunk)
+        y, states, plan, start, logdecay = _forward(x, dt, A, B, C, D, initial_state, reverse, state_every)
         ctx.save_for_backward(x, dt, A, B, C, D, initial_state, start, logdecay)
         ctx.plan, ctx.state_every = plan, state_every
         return y, states
@@ -654,7 +668,7 @@ class _SelectiveScan(torch.autograd.Function):
         # forward states and adjoints at the end of every pair of chunks, the forward states recomputed
         # (segments start from their saved states). Both are stored in the inputs' precision: the gradient
         # kernel's products take them at that precision anyway, and in bfloat16 they are half the memory traffic.
-        _, pair_states = _run_fwd(plan, x, dt, A, B, C, D, start, False, 2, states_dtype=x.dtype)
+        _, pair_states, _ = _run_fwd(plan, x, dt, A, B, C, D, start, False, 2, states_dtype=x.dtype)
         npairs = -(-plan.nchunks // 2)
         pair_adj = torch.empty(batch, npairs, nheads, headdim, dstate, device=x.device, dtype=x.dtype)
         rend = None
@@ -713,9 +727,12 @@ def selective_scan(x, dt, A, B, C, D=None, initial_state=None, reverse=False, st
     x, B, C = (_last_dim_contiguous(t) for t in (x, B, C))
     A, D = A.contiguous(), None if D is None else D.contiguous()
     initial_state = None if initial_state is None else initial_state.contiguous()
+    args = (x, dt, A, B, C, D, initial_state, bool(reverse), None if state_every is None else int(state_every))
     with _on_device(x):
-        y, states = _SelectiveScan.apply(x, dt, A, B, C, D, initial_state, bool(reverse),
-                                         None if state_every is None else int(state_every))
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
+            y, states = _SelectiveScan.apply(*args)
+        else:  # nothing to differentiate (sampling): skip the autograd Function's bookkeeping
+            y, states = _forward(*args)[:2]
     return y if state_every is None else (y, states)
 
 
@@ -895,7 +912,7 @@ def _gated_norm_launch(y, z, weight, eps, dout=None):
     dy, dz = (torch.empty_like(y), torch.empty(rows, d, device=y.device, dtype=z.dtype)) if grad else (None, None)
     dw = torch.empty(grid[0], d, device=y.device, dtype=torch.float32) if grad else None
     _gated_norm_kernel[grid](y, z, weight, dout, out, dy, dz, dw, rows, d, z.stride(0), eps,
-                             ROWS=ROWS, BLOCK=triton.next_power_of_2(d), GRAD=grad)
+                             ROWS=ROWS, BLOCK=_pow2(d), GRAD=grad)
     return (dy, dz, dw.sum(0).to(weight.dtype)) if grad else out
 
 

@@ -156,15 +156,17 @@ def test_cases_cover_the_kernels_paths():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scan_headdim_tiles(dtype, monkeypatch):
     # headdim split over several tiles (a partial last one), with different tiles in the adjoint and the
-    # gradient kernels: ddt, dB, dC, dA and dD are summed over the gradient kernel's tiles
+    # gradient kernels: ddt, dB, dC, dA and dD are summed over the gradient kernel's tiles. Segments of 8
+    # chunks, which the state-only pass walks (in 16 bits) in two coarse chunks.
     plan_init = scan_kernel._Plan.__init__
 
     def small_tiles(plan, *args):
         plan_init(plan, *args)
         plan.block_p, plan.block_p_adj, plan.block_p_grad = 32, 32, 16
+        plan.seg_chunks, plan.nseg = 8, -(-plan.nchunks // 8)
 
     monkeypatch.setattr(scan_kernel._Plan, "__init__", small_tiles)
-    inputs = scan_inputs(1, 600, 2, 40, 1, 16, dtype)  # chunks of 25, two segments
+    inputs = scan_inputs(1, 600, 2, 40, 1, 16, dtype)  # chunks of 25, three segments
     check_scan(inputs, reverse=True, state_every=200, ref_fn=chunked_ref)
 
 
@@ -178,6 +180,16 @@ def test_states_only_gradient():
     g = torch.autograd.grad((states.double() * w).sum(), inputs["x"])[0]
     g_ref = torch.autograd.grad((states_ref * w).sum(), inputs["x"])[0]
     assert rel_err(g, g_ref) < tolerance(torch.float32)
+
+
+def test_no_grad_call_matches():
+    # without gradients to take, the call skips the autograd Function: the same kernels, the same bits
+    inputs = scan_inputs(1, 200, 2, 16, 1, 16, init=True)
+    y, states = selective_scan(**inputs, state_every=100)
+    assert y.grad_fn is not None
+    with torch.no_grad():
+        y_ng, states_ng = selective_scan(**inputs, state_every=100)
+    assert y_ng.grad_fn is None and torch.equal(y_ng, y) and torch.equal(states_ng, states)
 
 
 def test_noncontiguous_inputs():
