@@ -222,6 +222,13 @@ def _load_chunk(base, stride_l, c, c0, c1, seqlen, offs_l, offs_p, headdim, CHUN
 
 
 @triton.jit
+def _load_dstate(dstates_ptr, b, c, every, nstates, nheads, h, pn, mask_pn, PN):
+    """The gradient of the returned state that ends chunk c ((c + 1) % every == 0), a P x N tile."""
+    j = (c + 1) // every - 1
+    return tl.load(dstates_ptr + ((b.to(tl.int64) * nstates + j) * nheads + h) * PN + pn, mask=mask_pn, other=0.0)
+
+
+@triton.jit
 def _step(S, x, Bm, dt, cs, a_tot, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
     """S at the chunk's end from S at its start: exp(c_L) S + (x * exp(c_L - c) dt)^T B."""
     xw = x.to(tl.float32) * (tl.exp(a_tot - cs) * dt)[:, None]
@@ -367,10 +374,7 @@ def _scan_adj_kernel(
 
         if HAS_DSTATES:  # a returned state ends this chunk: its gradient joins R
             if (c + 1) % every == 0:
-                j = (c + 1) // every - 1
-                dS = tl.load(dstates_ptr + ((b.to(tl.int64) * nstates + j) * nheads + h) * PN + pn,
-                             mask=mask_pn, other=0.0)
-                R += dS
+                R += _load_dstate(dstates_ptr, b, c, every, nstates, nheads, h, pn, mask_pn, PN)
         if WRITE_ADJ:  # R at the end of each pair of chunks (the gradient kernel's): (batch, npairs, nheads, P, N)
             if (c % 2 == 1) | (c + 1 == nchunks):
                 tl.store(pair_adj_ptr + ((b.to(tl.int64) * tl.cdiv(nchunks, 2) + c // 2) * nheads + h) * PN + pn,
@@ -437,7 +441,8 @@ def _scan_grad_kernel(
     if c % 2 == 1:
         v, p = _rows(c - 1, offs_l, seqlen, CHUNK, REVERSE)
         dt_prev = tl.load(dt_base + p * sdt_l, mask=v, other=0.0).to(tl.float32)
-        x_prev = _load_chunk(x_base, sx_l, c - 1, 0, nchunks, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
+        x_prev = tl.load(x_base + p[:, None] * sx_l + offs_p[None, :], mask=v[:, None] & (offs_p[None, :] < headdim),
+                         other=0.0)
         B_prev = tl.load(B_base + p[:, None] * sB_l + offs_n[None, :], mask=v[:, None] & (offs_n[None, :] < dstate),
                          other=0.0)
         a = dt_prev * A
@@ -446,16 +451,14 @@ def _scan_grad_kernel(
     else:
         v, p = _rows(c + 1, offs_l, seqlen, CHUNK, REVERSE)
         a = tl.load(dt_base + p * sdt_l, mask=v, other=0.0).to(tl.float32) * A
-        dy_next = _load_chunk(dy_base, nheads * headdim, c + 1, 0, nchunks, seqlen, offs_l, offs_p, headdim, CHUNK,
-                              REVERSE)
+        dy_next = tl.load(dy_base + p[:, None] * (nheads * headdim) + offs_p[None, :],
+                          mask=v[:, None] & (offs_p[None, :] < headdim), other=0.0)
         C_next = tl.load(C_base + p[:, None] * sC_l + offs_n[None, :], mask=v[:, None] & (offs_n[None, :] < dstate),
                          other=0.0)
         R = _step_back(R.to(tl.float32), dy_next, C_next, tl.cumsum(a, 0), tl.sum(a, 0), DTYPE, DOT_F32)
         if HAS_DSTATES:  # a returned state ends this chunk
             if ((c + 1) % every == 0) & (c + 1 < nchunks):
-                j = (c + 1) // every - 1
-                R += tl.load(dstates_ptr + ((b.to(tl.int64) * nstates + j) * nheads + h) * PN + pn, mask=mask_pn,
-                             other=0.0)
+                R += _load_dstate(dstates_ptr, b, c, every, nstates, nheads, h, pn, mask_pn, PN)
         R = R.to(SDTYPE)
 
     dt = tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
