@@ -40,8 +40,8 @@ Writing Lam_t = dL/dS_t = exp(c_L - c_t) R + sum_{u>=t} exp(c_u - c_t) dy_u C_u^
 
 The sequential kernels (forward, adjoint) give a program all the chunks of one (batch, head) and headdim
 tile. With too few such programs to fill the GPU they cut the sequence into segments that run side by
-side: a first launch gives each segment's own final state (going backward, its own adjoint),
-_pass_kernel chains them (S <- exp(sum of dt A over the segment) S + local), and a second launch starts
+side (about 256 programs in all): a first launch gives each segment's own final state and its sum of dt A
+(going backward, its own adjoint), _pass_kernel chains them (S <- exp(sum of dt A over the segment) S + local), and a second launch starts
 every segment from its true state.
 
 reverse=True runs the same kernels with position i read from seqlen - 1 - i.
@@ -566,8 +566,9 @@ class _Plan:
         # a program walks seg_chunks chunks in sequence. From 128 (batch, head, headdim tile) programs up, one
         # segment each fills the GPU (two programs per multiprocessor). Fewer split the sequence into segments
         # that run side by side, chained by _pass_kernel after a state-only pass: enough for about 256 programs,
-        # two per multiprocessor of an H100. More segments than that move more states through the chaining for
-        # no gain (H100, README). Segments are whole coarse chunks.
+        # two per multiprocessor of an H100. Fewer leave multiprocessors idle; more slow the forward, whose
+        # state-only pass and chaining grow with them (H100, README). Segments are whole coarse chunks, so at
+        # least 4 chunks long.
         programs = batch * nheads * -(-headdim // self.block_p)
         nseg = 1 if programs >= 128 else -(-256 // programs)
         self.seg_chunks = self.coarse * -(-self.nchunks // (self.coarse * nseg))
