@@ -210,15 +210,28 @@ def _rows(c, offs_l, seqlen, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _rows_within(c, c0, c1, offs_l, seqlen, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """_rows, none of them unless c0 <= c < c1: the loops' loads a chunk ahead run past their segment."""
+    valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
+    i = c * CHUNK + offs_l
+    return valid & (i >= c0 * CHUNK) & (i < c1 * CHUNK), pos
+
+
+@triton.jit
 def _load_chunk(base, stride_l, c, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK: tl.constexpr,
                 REVERSE: tl.constexpr):
     """Rows of chunk c (scan order) of a (seqlen, headdim) slice at base, columns offs_p; zeros unless
     c0 <= c < c1."""
-    valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
-    i = c * CHUNK + offs_l
-    valid = valid & (i >= c0 * CHUNK) & (i < c1 * CHUNK)
+    valid, pos = _rows_within(c, c0, c1, offs_l, seqlen, CHUNK, REVERSE)
     return tl.load(base + pos[:, None] * stride_l + offs_p[None, :], mask=valid[:, None] & (offs_p[None, :] < headdim),
                    other=0.0)
+
+
+@triton.jit
+def _load_dt(dt_base, sdt_l, c, c0, c1, seqlen, offs_l, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """dt over chunk c (scan order), float32; zeros unless c0 <= c < c1."""
+    valid, pos = _rows_within(c, c0, c1, offs_l, seqlen, CHUNK, REVERSE)
+    return tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -358,15 +371,18 @@ def _scan_adj_kernel(
     else:
         R = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
+    # dy and dt are loaded a chunk ahead, as x in the forward kernel (where loading dt ahead too was slower).
+    # Here dt ahead took the adjoint 0.83 -> 0.75 ms on long, 0.114 -> 0.119 on train (H100).
     dy_next = _load_chunk(dy_base, nheads * headdim, c1 - 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
+    dt_next = _load_dt(dt_base, sdt_l, c1 - 1, c0, c1, seqlen, offs_l, CHUNK, REVERSE)
     for k in range(c1 - c0):
         c = c1 - 1 - k
-        dy = dy_next  # loaded a chunk ahead, as x in the forward kernel
+        dy, dt = dy_next, dt_next
         dy_next = _load_chunk(dy_base, nheads * headdim, c - 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK,
                               REVERSE)
+        dt_next = _load_dt(dt_base, sdt_l, c - 1, c0, c1, seqlen, offs_l, CHUNK, REVERSE)
         valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
         mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
-        dt = tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
         Cm = tl.load(C_base + pos[:, None] * sC_l + offs_n[None, :], mask=mask_ln, other=0.0)
         a = dt * A
         cs = tl.cumsum(a, 0)
