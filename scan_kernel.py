@@ -41,8 +41,8 @@ Writing Lam_t = dL/dS_t = exp(c_L - c_t) R + sum_{u>=t} exp(c_u - c_t) dy_u C_u^
 The sequential kernels (forward, adjoint) give a program all the chunks of one (batch, head) and headdim
 tile. With too few such programs to fill the GPU they cut the sequence into segments that run side by
 side (about 256 programs in all): a first launch gives each segment's own final state and its sum of dt A
-(going backward, its own adjoint), _pass_kernel chains them (S <- exp(sum of dt A over the segment) S + local), and a second launch starts
-every segment from its true state.
+(going backward, its own adjoint), _pass_kernel chains them (S <- exp(sum of dt A over the segment) S +
+local), and a second launch starts every segment from its true state.
 
 reverse=True runs the same kernels with position i read from seqlen - 1 - i.
 """
