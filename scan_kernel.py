@@ -316,10 +316,10 @@ def _scan_fwd_kernel(
             causal_t = offs_l[None, :] >= offs_l[:, None]  # [s, t]: t >= s
             M_t = tl.where(causal_t, tl.exp(tl.minimum(cs[None, :] - cs[:, None], 0.0)), 0.0)
             W_t = _dot(Bm, tl.trans(Cm), DTYPE, DOT_F32) * M_t * dt[:, None]
-            x_t = tl.trans(x)
-            y_t = _dot(x_t, W_t, DTYPE, DOT_F32) + _dot(state, tl.trans(Cm), DTYPE, DOT_F32) * tl.exp(cs)[None, :]
-            if HAS_D:
-                y_t += tl.load(D_ptr + h).to(tl.float32) * x_t.to(tl.float32)
+            if HAS_D:  # D x as W's diagonal: x^T would otherwise go through shared memory into W's layout
+                W_t += tl.where(offs_l[:, None] == offs_l[None, :], tl.load(D_ptr + h).to(tl.float32), 0.0)
+            y_t = _dot(tl.trans(x), W_t, DTYPE, DOT_F32)
+            y_t += _dot(state, tl.trans(Cm), DTYPE, DOT_F32) * tl.exp(cs)[None, :]
             y_rows = (b.to(tl.int64) * seqlen + pos) * nheads * headdim + h * headdim
             tl.store(y_ptr + y_rows[None, :] + offs_p[:, None], y_t.to(y_ptr.dtype.element_ty),
                      mask=tl.trans(mask_lp))
@@ -568,16 +568,22 @@ class _Plan:
         self.block_n = _tile(dstate)
         # the state tile lives in registers: 64 x 128 floats or fewer
         self.block_p = max(16, min(_pow2(headdim), 8192 // self.block_n))
-        self.warps, self.stages = 4, 2
+        # three pipelining stages: B, C and dt are loaded two chunks ahead. With two, Triton issues the next
+        # chunk's loads at the end of an iteration and waits for them at the start of the next; three made the
+        # forward 17% faster on wide (H100).
+        self.warps, self.stages = 4, 3
         # the state-only pass over segments has no L x L tiles: in 4x longer chunks it took about a third
-        # less time on the long shape (H100, README); 16-bit inputs only, float32 ones overflow shared memory
-        self.coarse = 4
+        # less time on the long shape (H100, README); 16-bit inputs only, float32 ones overflow shared memory.
+        # It keeps two stages: a third buffer of its tiles leaves shared memory for one block per
+        # multiprocessor, and it ran 50% slower.
+        self.coarse, self.stages_coarse = 4, 2
         # backward: the sequential adjoint kernel holds one state tile (R) across its loop, best at 4 warps
-        # without pipelining (H200). The per-chunk gradient kernel holds two (S, R) and has no loop, so its
-        # warps wait on its loads (Nsight Compute, README): two blocks per multiprocessor beat one. At 4 warps
-        # it takes 255 registers a thread and spills about 20, and runs 20-27% faster than at 8 (H100).
-        # Headdim tiles of 32 spill 84 registers or more; 16 warps or a register cap run slower.
-        self.block_p_adj, self.warps_adj, self.stages_adj = self.block_p, 4, 1
+        # (H200) and pipelined like the forward (it loaded C at each step without: its two launches on long
+        # 0.73 -> 0.59 ms, H100). The per-chunk gradient kernel holds two (S, R) and has no loop, so its warps
+        # wait on its loads (Nsight Compute, README): two blocks per multiprocessor beat one. At 4 warps it
+        # takes 255 registers a thread and spills about 20, and runs 20-27% faster than at 8 (H100). Headdim
+        # tiles of 32 spill 84 registers or more; 16 warps or a register cap run slower.
+        self.block_p_adj, self.warps_adj = self.block_p, 4
         self.block_p_grad, self.warps_grad = self.block_p, 4
         # a program walks seg_chunks chunks in sequence. From 128 (batch, head, headdim tile) programs up, one
         # segment each fills the GPU (two programs per multiprocessor). Fewer split the sequence into segments
@@ -618,7 +624,7 @@ def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every, states_dtype=torch.
         CHUNK=chunk, BLOCK_L=_tile(chunk), BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
         HAS_D=D is not None, HAS_START=start is not None, WRITE_Y=write_y, WRITE_STATES=bool(every),
         WRITE_LOGDECAY=write_logdecay, REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps,
-        num_stages=plan.stages)
+        num_stages=plan.stages if coarse == 1 else plan.stages_coarse)
     return y, states, logdecay
 
 
@@ -636,7 +642,7 @@ def _run_adj(plan, dt, A, C, dy, dstates, every, rend, pair_adj):
         *dt.stride(), *C.stride()[:3],
         CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p_adj, BLOCK_N=plan.block_n,
         HAS_DSTATES=dstates is not None, HAS_REND=rend is not None, WRITE_ADJ=pair_adj is not None,
-        REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps_adj, num_stages=plan.stages_adj)
+        REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps_adj, num_stages=plan.stages)
     return rout
 
 
