@@ -19,9 +19,10 @@ The backward needs, per chunk, the forward state S at its start and R = dL/dS at
 positions and the returned states send back); given those two, the chunks' gradients are independent.
 Writing Lam_t = dL/dS_t = exp(c_L - c_t) R + sum_{u>=t} exp(c_u - c_t) dy_u C_u^T, and dYX = dy x^T:
 
-  - the forward kernel, in a state-only mode, recomputes S after every second chunk (pair_states): the
-    backward keeps nothing per position, only the states at the boundaries of pairs of chunks (stored,
-    like R below, in the inputs' precision: the gradient kernel's products read them at it anyway);
+  - the forward kernel, when gradients will be taken, also stores S after every second chunk
+    (pair_states): the backward keeps nothing per position, only the states at the boundaries of pairs
+    of chunks (stored, like R below, in the inputs' precision: the gradient kernel's products read them
+    at it anyway);
   - _scan_adj_kernel walks the chunks from last to first carrying R alone, the only sequential work:
     R += dstates where a returned state ends the chunk, R is stored after every second chunk
     (pair_adj), then
@@ -242,6 +243,13 @@ def _load_dstate(dstates_ptr, b, c, every, nstates, nheads, h, pn, mask_pn, PN):
 
 
 @triton.jit
+def _store_state(ptr, state, b, j, nslots, nheads, h, pn, mask_pn, PN):
+    """A P x N state tile into slot j of a (batch, nslots, nheads, P, N) array, in the array's precision."""
+    out = ptr + ((b.to(tl.int64) * nslots + j) * nheads + h) * PN
+    tl.store(out + pn, state.to(ptr.dtype.element_ty), mask=mask_pn)
+
+
+@triton.jit
 def _step(S, x, Bm, dt, cs, a_tot, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
     """S at the chunk's end from S at its start: exp(c_L) S + (x * exp(c_L - c) dt)^T B."""
     xw = x.to(tl.float32) * (tl.exp(a_tot - cs) * dt)[:, None]
@@ -256,12 +264,12 @@ def _step_back(R, dy, Cm, cs, a_tot, DTYPE: tl.constexpr, DOT_F32: tl.constexpr)
 
 @triton.jit
 def _scan_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, start_ptr, states_ptr, logdecay_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, start_ptr, states_ptr, pairs_ptr, logdecay_ptr,
     seqlen, nheads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
     sx_b, sx_l, sx_h, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sC_b, sC_l, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_START: tl.constexpr, WRITE_Y: tl.constexpr, WRITE_STATES: tl.constexpr,
-    WRITE_LOGDECAY: tl.constexpr, REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+    WRITE_PAIRS: tl.constexpr, WRITE_LOGDECAY: tl.constexpr, REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     # one program: one (batch, head), one tile of headdim, one segment of chunks. WRITE_LOGDECAY: also the
     # segment's sum of dt A, (batch, nseg, nheads) (every headdim tile writes the same value)
@@ -328,9 +336,11 @@ def _scan_fwd_kernel(
 
         if WRITE_STATES:  # after every `every` chunks, and at the end
             if ((c + 1) % every == 0) | (c + 1 == nchunks):
-                j = c // every
-                out = states_ptr + ((b.to(tl.int64) * nstates + j) * nheads + h) * headdim * dstate
-                tl.store(out + pn, state.to(states_ptr.dtype.element_ty), mask=mask_pn)
+                _store_state(states_ptr, state, b, c // every, nstates, nheads, h, pn, mask_pn, headdim * dstate)
+        if WRITE_PAIRS:  # the backward's: after every second chunk, and at the end
+            if (c % 2 == 1) | (c + 1 == nchunks):
+                _store_state(pairs_ptr, state, b, c // 2, tl.cdiv(nchunks, 2), nheads, h, pn, mask_pn,
+                             headdim * dstate)
     if WRITE_LOGDECAY:
         tl.store(logdecay_ptr + (b.to(tl.int64) * nseg + seg) * nheads + h, logdecay)
 
@@ -393,8 +403,7 @@ def _scan_adj_kernel(
                 R += _load_dstate(dstates_ptr, b, c, every, nstates, nheads, h, pn, mask_pn, PN)
         if WRITE_ADJ:  # R at the end of each pair of chunks (the gradient kernel's): (batch, npairs, nheads, P, N)
             if (c % 2 == 1) | (c + 1 == nchunks):
-                tl.store(pair_adj_ptr + ((b.to(tl.int64) * tl.cdiv(nchunks, 2) + c // 2) * nheads + h) * PN + pn,
-                         R.to(pair_adj_ptr.dtype.element_ty), mask=mask_pn)
+                _store_state(pair_adj_ptr, R, b, c // 2, tl.cdiv(nchunks, 2), nheads, h, pn, mask_pn, PN)
 
         R = _step_back(R, dy, Cm, cs, a_tot, DTYPE, DOT_F32)
 
@@ -572,10 +581,11 @@ class _Plan:
         # chunk's loads at the end of an iteration and waits for them at the start of the next; three made the
         # forward 17% faster on wide (H100).
         self.warps, self.stages = 4, 3
-        # the state-only pass over segments has no L x L tiles: in 4x longer chunks it took about a third
-        # less time on the long shape (H100, README); 16-bit inputs only, float32 ones overflow shared memory.
-        # It keeps two stages: a third buffer of its tiles leaves shared memory for one block per
-        # multiprocessor, and it ran 50% slower.
+        # the passes over the segments' own states (forward) and adjoints (backward) have no L x L tiles: in
+        # 4x longer chunks they took about a third less time on the long shape (forward) and 0.215 -> 0.179 ms
+        # (backward, H100, README); 16-bit inputs only, float32 ones overflow shared memory. They keep two
+        # stages: a third buffer of their tiles leaves shared memory for one block per multiprocessor, and the
+        # forward's ran 50% slower.
         self.coarse, self.stages_coarse = 4, 2
         # backward: the sequential adjoint kernel holds one state tile (R) across its loop, best at 4 warps
         # (H200) and pipelined like the forward (it loaded C at each step without: its two launches on long
@@ -601,48 +611,52 @@ def _strides(x, dt, B, C):
     return (*x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3])
 
 
-def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every, states_dtype=torch.float32, coarse=1,
-             write_logdecay=False):
+def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every, write_pairs=False, coarse=1, write_logdecay=False):
     """Launch the forward kernel over plan.nseg segments; start is (batch, nseg, nheads, P, N) or None.
-    Returns y (or None), the states after every `every` chunks and at the end (or None), and with
-    write_logdecay each segment's sum of dt A in scan order, (batch, nseg, nheads) float32 (or None).
-    coarse > 1 (states only, dividing plan.seg_chunks) walks chunks that many times longer: fewer, larger
-    steps."""
+    Returns y (or None); the states after every `every` chunks and at the end, float32 (or None); with
+    write_pairs the states after every second chunk and at the end, the backward's, in x's precision
+    (or None); with write_logdecay each segment's sum of dt A in scan order, (batch, nseg, nheads) float32
+    (or None). coarse > 1 (states only, dividing plan.seg_chunks) walks chunks that many times longer:
+    fewer, larger steps."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
     chunk = plan.chunk * coarse
     nchunks = -(-seqlen // chunk)
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if write_y else None
     nstates = -(-nchunks // every) if every else 0
-    states = x.new_empty(batch, nstates, nheads, headdim, dstate, dtype=states_dtype) if every else None
+    states = x.new_empty(batch, nstates, nheads, headdim, dstate, dtype=torch.float32) if every else None
+    pairs = x.new_empty(batch, -(-nchunks // 2), nheads, headdim, dstate) if write_pairs else None
     logdecay = x.new_empty(batch, plan.nseg, nheads, dtype=torch.float32) if write_logdecay else None
     grid = (batch * nheads, -(-headdim // plan.block_p), plan.nseg)
     _scan_fwd_kernel[grid](
-        x, dt, A, B, C, D, y, start, states, logdecay,
+        x, dt, A, B, C, D, y, start, states, pairs, logdecay,
         seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks // coarse, every or 1, nstates,
         *_strides(x, dt, B, C),
         CHUNK=chunk, BLOCK_L=_tile(chunk), BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
         HAS_D=D is not None, HAS_START=start is not None, WRITE_Y=write_y, WRITE_STATES=bool(every),
-        WRITE_LOGDECAY=write_logdecay, REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps,
-        num_stages=plan.stages if coarse == 1 else plan.stages_coarse)
-    return y, states, logdecay
+        WRITE_PAIRS=write_pairs, WRITE_LOGDECAY=write_logdecay, REVERSE=plan.reverse, DOT_F32=INTERPRET,
+        num_warps=plan.warps, num_stages=plan.stages if coarse == 1 else plan.stages_coarse)
+    return y, states, pairs, logdecay
 
 
-def _run_adj(plan, dt, A, C, dy, dstates, every, rend, pair_adj):
+def _run_adj(plan, dt, A, C, dy, dstates, every, rend, pair_adj, coarse=1):
     """Launch the adjoint kernel over plan.nseg segments, from rend (batch, nseg, nheads, P, N) or from zero.
     Writes R at the end of every pair of chunks into pair_adj unless it is None; returns R entering each
-    segment."""
+    segment. coarse > 1 (no pair_adj; dividing plan.seg_chunks, and every if there are dstates) walks chunks
+    that many times longer, as _run_fwd."""
     batch, seqlen, nheads, headdim = dy.shape
     ngroups, dstate = C.shape[2:]
+    chunk = plan.chunk * coarse
     rout = dy.new_empty(batch, plan.nseg, nheads, headdim, dstate, dtype=torch.float32)
     grid = (batch * nheads, -(-headdim // plan.block_p_adj), plan.nseg)
     _scan_adj_kernel[grid](
         dt, A, C, dy, dstates, rend, pair_adj, rout,
-        seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks, every, plan.nchunks // every,
-        *dt.stride(), *C.stride()[:3],
-        CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p_adj, BLOCK_N=plan.block_n,
+        seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks // coarse, max(1, every // coarse),
+        plan.nchunks // every, *dt.stride(), *C.stride()[:3],
+        CHUNK=chunk, BLOCK_L=_tile(chunk), BLOCK_P=plan.block_p_adj, BLOCK_N=plan.block_n,
         HAS_DSTATES=dstates is not None, HAS_REND=rend is not None, WRITE_ADJ=pair_adj is not None,
-        REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps_adj, num_stages=plan.stages)
+        REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps_adj,
+        num_stages=plan.stages if coarse == 1 else plan.stages_coarse)
     return rout
 
 
@@ -657,18 +671,20 @@ def _pass(local, logdecay, init, reverse):
     return out
 
 
-def _forward(x, dt, A, B, C, D, initial_state, reverse, state_every):
-    """y and the returned states; also the plan, each segment's starting state and log-decay (the backward's)."""
+def _forward(x, dt, A, B, C, D, initial_state, reverse, state_every, for_backward=False):
+    """y and the returned states; for_backward: also the plan, the states after every pair of chunks and each
+    segment's log-decay (see _SelectiveScan.backward)."""
     batch, seqlen, nheads, headdim = x.shape
     plan = _Plan(batch, seqlen, nheads, headdim, B.shape[3], state_every, reverse)
     start, logdecay = initial_state, None
     if plan.nseg > 1:  # each segment's own final state, then chained
         k = plan.coarse if x.element_size() == 2 else 1
-        _, local, logdecay = _run_fwd(plan, x, dt, A, B, C, D, None, False, plan.seg_chunks // k, coarse=k,
-                                      write_logdecay=True)
+        _, local, _, logdecay = _run_fwd(plan, x, dt, A, B, C, D, None, False, plan.seg_chunks // k, coarse=k,
+                                         write_logdecay=True)
         start = _pass(local, logdecay, initial_state, False)
-    y, states, _ = _run_fwd(plan, x, dt, A, B, C, D, start, True, state_every and state_every // plan.chunk)
-    return y, states, plan, start, logdecay
+    y, states, pairs, _ = _run_fwd(plan, x, dt, A, B, C, D, start, True, state_every and state_every // plan.chunk,
+                                   write_pairs=for_backward)
+    return y, states, plan, pairs, logdecay
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -676,14 +692,15 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_state, reverse, state_every):
         ctx.set_materialize_grads(False)
-        y, states, plan, start, logdecay = _forward(x, dt, A, B, C, D, initial_state, reverse, state_every)
-        ctx.save_for_backward(x, dt, A, B, C, D, initial_state, start, logdecay)
+        y, states, plan, pair_states, logdecay = _forward(x, dt, A, B, C, D, initial_state, reverse, state_every,
+                                                          for_backward=True)
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_state, pair_states, logdecay)
         ctx.plan, ctx.state_every = plan, state_every
         return y, states
 
     @staticmethod
     def backward(ctx, dy, dstates):
-        x, dt, A, B, C, D, initial_state, start, logdecay = ctx.saved_tensors
+        x, dt, A, B, C, D, initial_state, pair_states, logdecay = ctx.saved_tensors
         plan = ctx.plan
         batch, seqlen, nheads, headdim = x.shape
         ngroups, dstate = B.shape[2:]
@@ -691,15 +708,15 @@ class _SelectiveScan(torch.autograd.Function):
         dstates = None if dstates is None else dstates.contiguous()
         every = ctx.state_every // plan.chunk if ctx.state_every else 1
         f32 = dict(device=x.device, dtype=torch.float32)
-        # forward states and adjoints at the end of every pair of chunks, the forward states recomputed
-        # (segments start from their saved states). Both are stored in the inputs' precision: the gradient
-        # kernel's products take them at that precision anyway, and in bfloat16 they are half the memory traffic.
-        _, pair_states, _ = _run_fwd(plan, x, dt, A, B, C, D, start, False, 2, states_dtype=x.dtype)
+        # forward states (saved by the forward) and adjoints at the end of every pair of chunks. Both are stored
+        # in the inputs' precision: the gradient kernel's products take them at that precision anyway, and in
+        # bfloat16 they are half the memory traffic.
         npairs = -(-plan.nchunks // 2)
         pair_adj = torch.empty(batch, npairs, nheads, headdim, dstate, device=x.device, dtype=x.dtype)
         rend = None
         if plan.nseg > 1:  # each segment's own adjoint, then chained from the last segment back
-            rend = _pass(_run_adj(plan, dt, A, C, dy, dstates, every, None, None), logdecay, None, True)
+            k = plan.coarse if x.element_size() == 2 and (dstates is None or every % plan.coarse == 0) else 1
+            rend = _pass(_run_adj(plan, dt, A, C, dy, dstates, every, None, None, coarse=k), logdecay, None, True)
         rout = _run_adj(plan, dt, A, C, dy, dstates, every, rend, pair_adj)
         # every chunk's gradients, side by side
         nptiles = -(-headdim // plan.block_p_grad)
@@ -717,10 +734,10 @@ class _SelectiveScan(torch.autograd.Function):
             CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p_grad, BLOCK_N=plan.block_n,
             HAS_D=D is not None, HAS_INIT=initial_state is not None, HAS_DSTATES=dstates is not None,
             REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps_grad)
-        group_sum = lambda t: t.view(batch, seqlen, ngroups, -1, dstate).sum(3, dtype=torch.float32)
+        group_sum = lambda t: t.view(batch, seqlen, ngroups, -1, dstate).sum(3)  # accumulated in float32
         dinit = None if initial_state is None else rout[:, 0].to(initial_state.dtype)
-        return (dx, ddt.sum(3).to(dt.dtype), dA.sum((0, 1, 3)).to(A.dtype), group_sum(dB).to(B.dtype),
-                group_sum(dC).to(C.dtype), None if D is None else dD.sum((0, 1, 3)).to(D.dtype), dinit, None, None)
+        return (dx, ddt.sum(3).to(dt.dtype), dA.sum((0, 1, 3)).to(A.dtype), group_sum(dB), group_sum(dC),
+                None if D is None else dD.sum((0, 1, 3)).to(D.dtype), dinit, None, None)
 
 
 def _last_dim_contiguous(t):

@@ -144,13 +144,17 @@ def test_cases_cover_the_kernels_paths():
     # a program scans a few chunks in sequence and segments are chained between kernels: the cases above
     # must reach both the single-segment path and the chained one, with a partial last segment. The backward
     # stores states at the boundaries of pairs of chunks: they must reach an odd chunk count (a last pair
-    # with an empty second chunk) and a returned state that ends a pair's first chunk.
-    cases = [(scan_kernel._Plan(b, l, h, p, n, every, rev), every)
+    # with an empty second chunk) and a returned state that ends a pair's first chunk. In 16 bits, the
+    # segments' own adjoints walk coarse chunks when the returned states end on them: both ways must run.
+    cases = [(scan_kernel._Plan(b, l, h, p, n, every, rev), every, dt)
              for b, l, h, p, g, n, dt, D, init, rev, every in SCAN_CASES]
-    assert any(plan.nseg == 1 for plan, _ in cases)
-    assert any(plan.nseg > 1 and plan.nchunks % plan.seg_chunks for plan, _ in cases)
-    assert any(plan.nchunks % 2 for plan, _ in cases)
-    assert any(every and every // plan.chunk % 2 and plan.nchunks > 2 for plan, every in cases)
+    assert any(plan.nseg == 1 for plan, _, _ in cases)
+    assert any(plan.nseg > 1 and plan.nchunks % plan.seg_chunks for plan, _, _ in cases)
+    assert any(plan.nchunks % 2 for plan, _, _ in cases)
+    assert any(every and every // plan.chunk % 2 and plan.nchunks > 2 for plan, every, _ in cases)
+    coarse_ends = [every // plan.chunk % plan.coarse == 0 for plan, every, dt in cases
+                   if plan.nseg > 1 and every and dt == torch.bfloat16]
+    assert any(coarse_ends) and not all(coarse_ends)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
