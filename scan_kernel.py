@@ -236,17 +236,21 @@ def _load_dt(dt_base, sdt_l, c, c0, c1, seqlen, offs_l, CHUNK: tl.constexpr, REV
 
 
 @triton.jit
+def _slot(ptr, b, j, nslots, nheads, h, PN):
+    """Where the P x N tile of (batch b, slot j, head h) starts in a (batch, nslots, nheads, P, N) array."""
+    return ptr + ((b.to(tl.int64) * nslots + j) * nheads + h) * PN
+
+
+@triton.jit
 def _load_dstate(dstates_ptr, b, c, every, nstates, nheads, h, pn, mask_pn, PN):
     """The gradient of the returned state that ends chunk c ((c + 1) % every == 0), a P x N tile."""
-    j = (c + 1) // every - 1
-    return tl.load(dstates_ptr + ((b.to(tl.int64) * nstates + j) * nheads + h) * PN + pn, mask=mask_pn, other=0.0)
+    return tl.load(_slot(dstates_ptr, b, (c + 1) // every - 1, nstates, nheads, h, PN) + pn, mask=mask_pn, other=0.0)
 
 
 @triton.jit
 def _store_state(ptr, state, b, j, nslots, nheads, h, pn, mask_pn, PN):
     """A P x N state tile into slot j of a (batch, nslots, nheads, P, N) array, in the array's precision."""
-    out = ptr + ((b.to(tl.int64) * nslots + j) * nheads + h) * PN
-    tl.store(out + pn, state.to(ptr.dtype.element_ty), mask=mask_pn)
+    tl.store(_slot(ptr, b, j, nslots, nheads, h, PN) + pn, state.to(ptr.dtype.element_ty), mask=mask_pn)
 
 
 @triton.jit
@@ -377,7 +381,7 @@ def _scan_adj_kernel(
     A = tl.load(A_ptr + h).to(tl.float32)
 
     if HAS_REND:
-        R = tl.load(rend_ptr + ((b.to(tl.int64) * nseg + seg) * nheads + h) * PN + pn, mask=mask_pn, other=0.0)
+        R = tl.load(_slot(rend_ptr, b, seg, nseg, nheads, h, PN) + pn, mask=mask_pn, other=0.0)
     else:
         R = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
@@ -407,7 +411,7 @@ def _scan_adj_kernel(
 
         R = _step_back(R, dy, Cm, cs, a_tot, DTYPE, DOT_F32)
 
-    tl.store(rout_ptr + ((b.to(tl.int64) * nseg + seg) * nheads + h) * PN + pn, R, mask=mask_pn)
+    _store_state(rout_ptr, R, b, seg, nseg, nheads, h, pn, mask_pn, PN)
 
 
 @triton.jit
@@ -672,8 +676,8 @@ def _pass(local, logdecay, init, reverse):
 
 
 def _forward(x, dt, A, B, C, D, initial_state, reverse, state_every, for_backward=False):
-    """y and the returned states; for_backward: also the plan, the states after every pair of chunks and each
-    segment's log-decay (see _SelectiveScan.backward)."""
+    """y and the returned states; for the backward, the plan, each segment's log-decay (None with one
+    segment) and, if for_backward, the states after every pair of chunks (else None)."""
     batch, seqlen, nheads, headdim = x.shape
     plan = _Plan(batch, seqlen, nheads, headdim, B.shape[3], state_every, reverse)
     start, logdecay = initial_state, None
