@@ -219,13 +219,13 @@ def _rows_within(c, c0, c1, offs_l, seqlen, CHUNK: tl.constexpr, REVERSE: tl.con
 
 
 @triton.jit
-def _load_chunk(base, stride_l, c, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK: tl.constexpr,
+def _load_chunk(base, stride_l, c, c0, c1, seqlen, offs_l, offs_col, ncols, CHUNK: tl.constexpr,
                 REVERSE: tl.constexpr):
-    """Rows of chunk c (scan order) of a (seqlen, headdim) slice at base, columns offs_p; zeros unless
-    c0 <= c < c1."""
+    """Rows of chunk c (scan order) of a (seqlen, ncols) slice at base (x, dy: headdim; B, C: dstate),
+    columns offs_col; zeros unless c0 <= c < c1."""
     valid, pos = _rows_within(c, c0, c1, offs_l, seqlen, CHUNK, REVERSE)
-    return tl.load(base + pos[:, None] * stride_l + offs_p[None, :], mask=valid[:, None] & (offs_p[None, :] < headdim),
-                   other=0.0)
+    return tl.load(base + pos[:, None] * stride_l + offs_col[None, :],
+                   mask=valid[:, None] & (offs_col[None, :] < ncols), other=0.0)
 
 
 @triton.jit
@@ -468,22 +468,17 @@ def _scan_grad_kernel(
         S = tl.zeros((BLOCK_P, BLOCK_N), dtype=SDTYPE)
     R = tl.load(pair_adj_ptr + pair_row * PN + pn, mask=mask_pn, other=0.0)
     if c % 2 == 1:
-        v, p = _rows(c - 1, offs_l, seqlen, CHUNK, REVERSE)
-        dt_prev = tl.load(dt_base + p * sdt_l, mask=v, other=0.0).to(tl.float32)
-        x_prev = tl.load(x_base + p[:, None] * sx_l + offs_p[None, :], mask=v[:, None] & (offs_p[None, :] < headdim),
-                         other=0.0)
-        B_prev = tl.load(B_base + p[:, None] * sB_l + offs_n[None, :], mask=v[:, None] & (offs_n[None, :] < dstate),
-                         other=0.0)
+        dt_prev = _load_dt(dt_base, sdt_l, c - 1, 0, nchunks, seqlen, offs_l, CHUNK, REVERSE)
+        x_prev = _load_chunk(x_base, sx_l, c - 1, 0, nchunks, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
+        B_prev = _load_chunk(B_base, sB_l, c - 1, 0, nchunks, seqlen, offs_l, offs_n, dstate, CHUNK, REVERSE)
         a = dt_prev * A
         S = _step(S.to(tl.float32), x_prev, B_prev, dt_prev, tl.cumsum(a, 0), tl.sum(a, 0), DTYPE, DOT_F32)
         S = S.to(SDTYPE)
     else:
-        v, p = _rows(c + 1, offs_l, seqlen, CHUNK, REVERSE)
-        a = tl.load(dt_base + p * sdt_l, mask=v, other=0.0).to(tl.float32) * A
-        dy_next = tl.load(dy_base + p[:, None] * (nheads * headdim) + offs_p[None, :],
-                          mask=v[:, None] & (offs_p[None, :] < headdim), other=0.0)
-        C_next = tl.load(C_base + p[:, None] * sC_l + offs_n[None, :], mask=v[:, None] & (offs_n[None, :] < dstate),
-                         other=0.0)
+        a = _load_dt(dt_base, sdt_l, c + 1, 0, nchunks, seqlen, offs_l, CHUNK, REVERSE) * A
+        dy_next = _load_chunk(dy_base, nheads * headdim, c + 1, 0, nchunks, seqlen, offs_l, offs_p, headdim, CHUNK,
+                              REVERSE)
+        C_next = _load_chunk(C_base, sC_l, c + 1, 0, nchunks, seqlen, offs_l, offs_n, dstate, CHUNK, REVERSE)
         R = _step_back(R.to(tl.float32), dy_next, C_next, tl.cumsum(a, 0), tl.sum(a, 0), DTYPE, DOT_F32)
         if HAS_DSTATES:  # a returned state ends this chunk
             if ((c + 1) % every == 0) & (c + 1 < nchunks):
