@@ -1,78 +1,92 @@
 """
-The Mamba-2 mixer's kernels. Mainly the SSD selective scan: Triton forward and backward kernels, the
-plain reference loop, a vectorised PyTorch path for CPU training, and the autograd wrapper. At the end,
-two small fused kernels around it: the short depthwise conv with its SiLU, and the gated RMSNorm of the
-scan's output (each with its backward, its torch reference, and the same CPU dispatch as the scan).
+The Mamba-2 mixer's kernels: the SSD selective scan (Triton forward and backward kernels, the plain
+reference loop and a chunked reference in PyTorch), and two small fused kernels around it, the short
+depthwise conv with its SiLU and the gated RMSNorm of the scan's output. Each kernel is registered as a
+PyTorch operator with its autograd, so torch.compile traces a whole model through them.
 
-Per batch element and head h, with state S_t in R^{P x N} (P = headdim, N = dstate):
+Per batch element and head, with state S_t in R^{P x N} (P = headdim, N = dstate):
 
     S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,        y_t = S_t C_t + D x_t,        S_0 = initial_state
 
-The kernels cut the sequence into chunks of L positions and carry S from chunk to chunk. Inside a
-chunk, with c_t = sum_{s<=t} dt_s A (the cumulative log-decay from the chunk's start) and the
-decay mask M_ts = exp(c_t - c_s) for s <= t (0 otherwise), everything is a handful of matrix products:
+The chunked algorithm. Cut the sequence into chunks of L positions and carry S from chunk to chunk.
+Inside a chunk, with a_t = dt_t A (<= 0), c_t = a_1 + ... + a_t the cumulative log-decay from the
+chunk's start, and the decay mask M_ts = exp(c_t - c_s) for s <= t (0 otherwise), S_t unrolls to
+exp(c_t) S + sum_{s<=t} M_ts dt_s x_s B_s^T, so the chunk is a handful of matrix products:
 
     y      = (C B^T * M * dt^T) x  +  exp(c) * (C S^T)  +  D x       (L x P; the kernel forms y^T)
     S_next = exp(c_L) S  +  (x * exp(c_L - c) dt)^T B                                (P x N)
 
-The backward needs, per chunk, the forward state S at its start and R = dL/dS at its end (what later
-positions and the returned states send back); given those two, the chunks' gradients are independent.
-Writing Lam_t = dL/dS_t = exp(c_L - c_t) R + sum_{u>=t} exp(c_u - c_t) dy_u C_u^T, and dYX = dy x^T:
+The backward. Let R = dL/dS at the chunk's end (what later positions and the returned states send back)
+and Lam_t = dL/dS_t = exp(c_L - c_t) R + sum_{u>=t} exp(c_u - c_t) dy_u C_u^T. Given S at a chunk's start
+and R at its end, the chunk's gradients need nothing from the other chunks:
 
-  - the forward kernel, when gradients will be taken, also stores S after every second chunk
-    (pair_states): the backward keeps nothing per position, only the states at the boundaries of pairs
-    of chunks (stored, like R below, in the inputs' precision: the gradient kernel's products read them
-    at it anyway);
-  - _scan_adj_kernel walks the chunks from last to first carrying R alone, the only sequential work:
-    R += dstates where a returned state ends the chunk, R is stored after every second chunk
-    (pair_adj), then
-        R_prev = exp(c_L) R  +  (dy * exp(c))^T C
-  - _scan_grad_kernel, one program per chunk, takes S and R (the second chunk of a pair steps S on
-    through the first, S_next above; the first steps R back through the second) and computes
-
-    dC     = exp(c) * (dy S)  +  (dYX * M * dt^T) B              [= S_t^T dy_t]
-    LamB   = (C B^T * M)^T dy  +  exp(c_L - c) * (B R^T)          [row t: Lam_t B_t]
+    dC     = exp(c) * (dy S)  +  (dYX * M * dt^T) B                           (dYX = dy x^T; row t: S_t^T dy_t)
+    LamB   = (C B^T * M)^T dy  +  exp(c_L - c) * (B R^T)                       (row t: Lam_t B_t)
     dx     = dt * LamB + D dy,        dB = dt * (exp(c_L - c) * (x R) + (dYX * M)^T C)
-    da_t   = exp(dt_t A) <Lam_t, S_{t-1}>       (four plain sums: Lam from R or from dy, S_{t-1} from S or x)
-    ddt    = A da + x . LamB,       dA = sum dt da,       dD = sum dy . x
+    ddt    = A da + x . LamB,         dA = sum dt da,        dD = sum dy . x
 
-    Sums across programs (ddt, dB, dC over headdim tiles and a group's heads; dA, dD over everything)
-    are written as partials and added up outside the kernel: no atomics.
+where da_t = dL/da_t. The decay a_t enters only through exp(a_t) S_{t-1} in S_t, so da_t = <Lam_t,
+exp(a_t) S_{t-1}> (a Frobenius product), and exp(a_t) S_{t-1} = exp(c_t) S + sum_{s<t} exp(c_t - c_s)
+dt_s x_s B_s^T. Multiplying out the two parts of Lam_t with these two parts gives four sums:
 
-The sequential kernels (forward, adjoint) give a program all the chunks of one (batch, head) and headdim
-tile. With too few such programs to fill the GPU they cut the sequence into segments that run side by
-side (about 256 programs in all): a first launch gives each segment's own final state and its sum of dt A
-(going backward, its own adjoint), _pass_kernel chains them (S <- exp(sum of dt A over the segment) S +
-local), and a second launch starts every segment from its true state.
+    da_t = exp(c_L) <R, S>                                         R meets the incoming state
+         + sum_{u>=t} exp(c_u) dy_u . (S C_u)                      later outputs meet the incoming state
+         + sum_{s<t} exp(c_L - c_s) dt_s x_s . (R B_s)             R meets earlier inputs
+         + sum_{u>=t>s} exp(c_u - c_s) dt_s (dy_u . x_s)(C_u . B_s)  later outputs meet earlier inputs
 
-reverse=True runs the same kernels with position i read from seqlen - 1 - i.
+Every factor exp(...) has a non-positive argument and every term is a plain sum (suffix, prefix or
+within the chunk), so nothing cancels; the usual form, the gradient of the cumulative decay c turned into
+a difference of suffix sums, loses float32 precision on long chunks.
+
+How the kernels run it:
+  - _scan_fwd_kernel: a program takes all the chunks of one (batch, head) and headdim tile in turn,
+    carrying S. When gradients will be taken it also stores S after every second chunk (pair_states),
+    in the inputs' precision: the backward keeps nothing per position.
+  - _scan_adj_kernel walks the chunks from last to first carrying R alone, the only sequential work of the
+    backward: R += dstates where a returned state ends the chunk, R is stored after every second chunk
+    (pair_adj), then R_prev = exp(c_L) R + (dy * exp(c))^T C.
+  - _scan_grad_kernel, one program per chunk, takes S and R (a pair's second chunk steps S on through the
+    first, S_next above; the first steps R back through the second) and computes the gradients above.
+    Sums across programs (ddt, dB, dC over headdim tiles and a group's heads; dA, dD over everything) are
+    written as partials and added up outside the kernel: no atomics, the same bits every run.
+  - With too few (batch, head) programs to fill the GPU, the sequential kernels cut the sequence into
+    segments that run side by side: a first launch gives each segment's own final state (going backward,
+    its own adjoint) and its sum of dt A, _pass_kernel chains them (S <- exp(sum of dt A) S + local), and a
+    second launch starts every segment from its true state.
+  - reverse=True runs the same kernels with position i read from seqlen - 1 - i: no flipped copies.
+  - With dt_bias, dt arrives raw and the kernels use softplus(dt + dt_bias), saving the separate
+    elementwise passes (and their backward) that the mixer would otherwise launch.
 """
 
+import functools
 import numbers
 import os
 from contextlib import nullcontext
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
 
 # Triton reads TRITON_INTERPRET when the kernels below are defined; on CPU they then run in its
 # interpreter, which is how CI tests them. The interpreter's tl.dot multiplies bfloat16's raw bits,
 # so there every product is taken in float32.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CPU_KERNELS = INTERPRET  # CPU tensors take the kernels (in the interpreter), else the PyTorch path
+CPU_KERNELS = INTERPRET  # CPU tensors take the kernels (in the interpreter), else the chunked reference
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------
-# argument checks and the reference
+# argument checks and the two references
 
 
-def _check_args(x, dt, A, B, C, D, initial_state, state_every, dtypes):
+def _check_args(x, dt, A, B, C, D, initial_state, dt_bias, state_every, dtypes):
     """Validate the arguments of a scan; return (batch, seqlen, nheads, headdim, ngroups, dstate)."""
-    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
+    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state, dt_bias=dt_bias)
     for name, t in named.items():
-        if t is None and name in ("D", "initial_state"):
+        if t is None and name in ("D", "initial_state", "dt_bias"):
             continue
         if not torch.is_tensor(t):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -88,7 +102,7 @@ def _check_args(x, dt, A, B, C, D, initial_state, state_every, dtypes):
         raise ValueError(f"B must have shape (batch={batch}, seqlen={seqlen}, ngroups, dstate), got {tuple(B.shape)}")
     ngroups, dstate = B.shape[2], B.shape[3]
     expected = dict(dt=(batch, seqlen, nheads), A=(nheads,), C=(batch, seqlen, ngroups, dstate), D=(nheads,),
-                    initial_state=(batch, nheads, headdim, dstate))
+                    initial_state=(batch, nheads, headdim, dstate), dt_bias=(nheads,))
     for name, shape in expected.items():
         t = named[name]
         if t is not None and tuple(t.shape) != shape:
@@ -103,14 +117,16 @@ def _check_args(x, dt, A, B, C, D, initial_state, state_every, dtypes):
     return batch, seqlen, nheads, headdim, ngroups, dstate
 
 
-def selective_scan_ref(x, dt, A, B, C, D=None, initial_state=None, reverse=False, state_every=None):
+def selective_scan_ref(x, dt, A, B, C, D=None, initial_state=None, reverse=False, state_every=None, dt_bias=None):
     """The definition: a plain loop over positions, in float32 (float64 for float64 inputs)."""
     batch, seqlen, nheads, headdim, ngroups, dstate = _check_args(
-        x, dt, A, B, C, D, initial_state, state_every, FLOAT_DTYPES + (torch.float64,))
+        x, dt, A, B, C, D, initial_state, dt_bias, state_every, FLOAT_DTYPES + (torch.float64,))
     f = torch.float64 if x.dtype == torch.float64 else torch.float32
     B = B.to(f).repeat_interleave(nheads // ngroups, dim=2)
     C = C.to(f).repeat_interleave(nheads // ngroups, dim=2)
     xf, dt, A = x.to(f), dt.to(f), A.to(f)
+    if dt_bias is not None:
+        dt = F.softplus(dt + dt_bias.to(f))
     state = x.new_zeros(batch, nheads, headdim, dstate, dtype=f) if initial_state is None else initial_state.to(f)
     ys, states = [None] * seqlen, []
     for k, t in enumerate(range(seqlen - 1, -1, -1) if reverse else range(seqlen)):
@@ -127,56 +143,65 @@ def selective_scan_ref(x, dt, A, B, C, D=None, initial_state=None, reverse=False
 
 
 def _pow2(n):
-    """The smallest power of two >= n, in 0.1 us: triton.next_power_of_2 takes 1.5, and every scan needs a few."""
+    """The smallest power of two >= n, without triton.next_power_of_2's cost (every scan needs a few)."""
     return 1 << (n - 1).bit_length()
 
 
-CHUNK = 32  # positions per chunk: measured best on an H200 (bench.py, README), smaller tiles spill less
+CHUNK = 32  # positions per chunk: smaller tiles than 64 keep the kernels' registers from spilling
 
 
 def _chunk_len(seqlen, state_every):
-    """Chunk length: CHUNK, or the largest divisor of state_every up to CHUNK, so that every returned state
-    ends a chunk. (Tiles of 64 rows with float32 inputs failed on an H200: keep to 32.)"""
+    """Chunk length: CHUNK, or the largest divisor of state_every up to CHUNK, so that every returned
+    state ends a chunk."""
     if state_every is None:
         return min(CHUNK, max(16, _pow2(seqlen)))
     return max(d for d in range(1, CHUNK + 1) if state_every % d == 0)
 
 
-# ----------------------------------------------------------------------------------------------
-# vectorised PyTorch path (CPU training): the same chunked math, autograd through torch
+def _segsum(a):
+    """[..., t, s] = a_{s+1} + ... + a_t for s <= t, -inf above the diagonal; each entry a direct sum, so
+    that no difference of two long cumulative sums loses precision."""
+    T = a.shape[-1]
+    below = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
+    sums = a[..., :, None].expand(*a.shape, T).masked_fill(~below, 0).cumsum(-2)  # [t, s]: a_i for s < i <= t
+    return sums.masked_fill(torch.ones_like(below).triu(1), float("-inf"))
 
 
-def _scan_torch(x, dt, A, B, C, D, initial_state, reverse, state_every):
-    batch, seqlen, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2:]
-    r = nheads // ngroups
-    L = _chunk_len(seqlen, state_every)
-    nc = -(-seqlen // L)
-    pad = nc * L - seqlen
+def selective_scan_chunked(x, dt, A, B, C, D=None, initial_state=None, reverse=False, state_every=None,
+                           dt_bias=None):
+    """The chunked algorithm of the docstring in PyTorch (float32; float64 for float64 inputs), the same
+    steps the kernels take, differentiable by autograd: the scan of CPU training, and a fast reference."""
+    batch, seqlen, nheads, headdim, ngroups, dstate = _check_args(
+        x, dt, A, B, C, D, initial_state, dt_bias, state_every, FLOAT_DTYPES + (torch.float64,))
     f = torch.float64 if x.dtype == torch.float64 else torch.float32
+    L = _chunk_len(seqlen, state_every)
+    nc, r = -(-seqlen // L), nheads // ngroups
+    if dt_bias is not None:
+        dt = F.softplus(dt.to(f) + dt_bias.to(f))
 
-    def prep(t):  # scan order, float32 (float64 for float64), padded with zeros (dt = 0: the state passes)
-        t = t.flip(1) if reverse else t
-        return torch.nn.functional.pad(t.to(f), (0, 0) * (t.dim() - 2) + (0, pad))
-
-    xs = prep(x).view(batch, nc, L, ngroups, r, headdim)
-    dts = prep(dt).view(batch, nc, L, ngroups, r)
-    Bs = prep(B).view(batch, nc, L, ngroups, dstate)
-    Cs = prep(C).view(batch, nc, L, ngroups, dstate)
-    cs = torch.cumsum(dts * A.to(f).view(ngroups, r), dim=2)  # (b, nc, L, g, r)
-    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[:, :, None, None]
-    M = torch.exp((cs[:, :, :, None] - cs[:, :, None, :]).masked_fill(~causal, float("-inf")))
-    W = torch.einsum("bctgn,bcsgn->bctsg", Cs, Bs)[..., None] * M * dts[:, :, None]
-    y = torch.einsum("bctsgr,bcsgrp->bctgrp", W, xs)
-    local = torch.einsum("bcsgr,bcsgrp,bcsgn->bcgrpn", torch.exp(cs[:, :, -1:] - cs) * dts, xs, Bs)
-    state = (x.new_zeros(batch, ngroups, r, headdim, dstate, dtype=f) if initial_state is None
-             else initial_state.to(f).view(batch, ngroups, r, headdim, dstate))
-    starts, ends = [], []
-    for c in range(nc):
-        starts.append(state)
-        state = torch.exp(cs[:, c, -1])[..., None, None] * state + local[:, c]
-        ends.append(state)
-    y = y + torch.einsum("bctgn,bcgrpn->bctgrp", Cs, torch.stack(starts, 1)) * torch.exp(cs)[..., None]
+    def chunks(t, *split):  # scan order, padded with zeros to whole chunks (dt = 0 passes the state on)
+        t = F.pad((t.flip(1) if reverse else t).to(f), (0, 0) * (t.dim() - 2) + (0, nc * L - seqlen))
+        return t.unflatten(1, (nc, L)).unflatten(3, split) if split else t.unflatten(1, (nc, L))
+    xs, dts = chunks(x, ngroups, r), chunks(dt, ngroups, r)  # (b, c, l, g, r, p), (b, c, l, g, r)
+    Bs, Cs = chunks(B), chunks(C)  # (b, c, l, g, n)
+    # 1. c, the cumulative log-decay from each chunk's start; M_ts = exp(c_t - c_s) for s <= t
+    a = (dts * A.to(f).view(ngroups, r)).movedim(2, -1)  # (b, c, g, r, l)
+    c = a.cumsum(-1)
+    M = torch.exp(_segsum(a))  # (b, c, g, r, l, l)
+    # 2. inside each chunk: y = (C B^T * M * dt^T) x
+    W = torch.einsum("bctgn,bcsgn->bcgts", Cs, Bs)[:, :, :, None] * M * dts.movedim(2, -1)[..., None, :]
+    y = torch.einsum("bcgrts,bcsgrp->bctgrp", W, xs)
+    # 3. each chunk's own final state, (x * exp(c_L - c) dt)^T B
+    w_in = torch.exp(c[..., -1:] - c) * dts.movedim(2, -1)
+    local = torch.einsum("bcgrs,bcsgrp,bcsgn->bcgrpn", w_in, xs, Bs)
+    # 4. S at every chunk boundary: S_k = sum_{j<=k} exp(total decay of chunks j+1..k) local_j, with
+    #    S_0 = initial_state as local_0
+    S0 = (x.new_zeros(batch, ngroups, r, headdim, dstate, dtype=f) if initial_state is None
+          else initial_state.to(f).view(batch, ngroups, r, headdim, dstate))
+    decay = torch.exp(_segsum(F.pad(c[..., -1].movedim(1, -1), (1, 0))))  # (b, g, r, nc + 1, nc + 1)
+    S = torch.einsum("bgrkj,bjgrpn->bkgrpn", decay, torch.cat([S0[:, None], local], 1))
+    # 5. the incoming state's part of y, exp(c) * (C S^T), and D x
+    y = y + torch.einsum("bctgn,bcgrpn->bctgrp", Cs, S[:, :-1]) * torch.exp(c).movedim(-1, 2)[..., None]
     y = y.reshape(batch, nc * L, nheads, headdim)[:, :seqlen]
     y = y.flip(1) if reverse else y
     if D is not None:
@@ -184,8 +209,7 @@ def _scan_torch(x, dt, A, B, C, D, initial_state, reverse, state_every):
     y = y.to(x.dtype)
     if state_every is None:
         return y
-    states = torch.stack(ends[state_every // L - 1::state_every // L], 1)
-    return y, states.reshape(batch, -1, nheads, headdim, dstate)
+    return y, S[:, state_every // L::state_every // L].reshape(batch, -1, nheads, headdim, dstate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,10 +253,27 @@ def _load_chunk(base, stride_l, c, c0, c1, seqlen, offs_l, offs_col, ncols, CHUN
 
 
 @triton.jit
-def _load_dt(dt_base, sdt_l, c, c0, c1, seqlen, offs_l, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+def _softplus(v):
+    """log(1 + e^v), without overflow and accurate for large negative v: log1p(u) = log(1 + u) u / ((1 + u) - 1)."""
+    u = tl.exp(-tl.abs(v))
+    w = 1.0 + u
+    return tl.maximum(v, 0.0) + tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0))
+
+
+@triton.jit
+def _dt(raw, valid, dt_bias, HAS_DT_BIAS: tl.constexpr):
+    """The scan's dt from the loaded values: softplus(raw + dt_bias) with a bias, else raw; 0 off the valid rows."""
+    if HAS_DT_BIAS:
+        return tl.where(valid, _softplus(raw.to(tl.float32) + dt_bias), 0.0)
+    return raw.to(tl.float32)
+
+
+@triton.jit
+def _load_dt(dt_base, sdt_l, c, c0, c1, seqlen, offs_l, dt_bias, CHUNK: tl.constexpr, REVERSE: tl.constexpr,
+             HAS_DT_BIAS: tl.constexpr):
     """dt over chunk c (scan order), float32; zeros unless c0 <= c < c1."""
     valid, pos = _rows_within(c, c0, c1, offs_l, seqlen, CHUNK, REVERSE)
-    return tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
+    return _dt(tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0), valid, dt_bias, HAS_DT_BIAS)
 
 
 @triton.jit
@@ -268,12 +309,13 @@ def _step_back(R, dy, Cm, cs, a_tot, DTYPE: tl.constexpr, DOT_F32: tl.constexpr)
 
 @triton.jit
 def _scan_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, start_ptr, states_ptr, pairs_ptr, logdecay_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr, start_ptr, states_ptr, pairs_ptr, logdecay_ptr,
     seqlen, nheads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
     sx_b, sx_l, sx_h, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sC_b, sC_l, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_START: tl.constexpr, WRITE_Y: tl.constexpr, WRITE_STATES: tl.constexpr,
-    WRITE_PAIRS: tl.constexpr, WRITE_LOGDECAY: tl.constexpr, REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_START: tl.constexpr, WRITE_Y: tl.constexpr,
+    WRITE_STATES: tl.constexpr, WRITE_PAIRS: tl.constexpr, WRITE_LOGDECAY: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     # one program: one (batch, head), one tile of headdim, one segment of chunks. WRITE_LOGDECAY: also the
     # segment's sum of dt A, (batch, nseg, nheads) (every headdim tile writes the same value)
@@ -296,6 +338,7 @@ def _scan_fwd_kernel(
     C_base = C_ptr + b.to(tl.int64) * sC_b + g.to(tl.int64) * sC_g
     pn = offs_p[:, None] * dstate + offs_n[None, :]
     A = tl.load(A_ptr + h).to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32) if HAS_DT_BIAS else 0.0
 
     if HAS_START:
         start = start_ptr + ((b.to(tl.int64) * nseg + seg) * nheads + h) * headdim * dstate
@@ -304,7 +347,7 @@ def _scan_fwd_kernel(
         state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
     # x feeds elementwise math as well as products, so Triton's pipeliner leaves its load in the iteration
-    # that uses it, where the warps then wait for it (Nsight Compute): load it one chunk ahead instead
+    # that uses it, where the warps would wait for it: it is loaded one chunk ahead instead
     x_next = _load_chunk(x_base, sx_l, c0, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
     logdecay = 0.0
     for c in range(c0, c1):
@@ -313,7 +356,7 @@ def _scan_fwd_kernel(
         valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
         mask_lp = valid[:, None] & (offs_p[None, :] < headdim)
         mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
-        dt = tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
+        dt = _dt(tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0), valid, dt_bias, HAS_DT_BIAS)
         Bm = tl.load(B_base + pos[:, None] * sB_l + offs_n[None, :], mask=mask_ln, other=0.0)
         a = dt * A
         cs = tl.cumsum(a, 0)
@@ -323,8 +366,7 @@ def _scan_fwd_kernel(
         if WRITE_Y:
             Cm = tl.load(C_base + pos[:, None] * sC_l + offs_n[None, :], mask=mask_ln, other=0.0)
             # computed transposed, y^T (P x L): S (P x N) is then a product's left operand, taken straight
-            # from registers instead of through shared memory every chunk (218 registers against 250, 23 KB
-            # of shared memory against 35, 4-6% faster on an H100)
+            # from registers instead of through shared memory every chunk
             causal_t = offs_l[None, :] >= offs_l[:, None]  # [s, t]: t >= s
             M_t = tl.where(causal_t, tl.exp(tl.minimum(cs[None, :] - cs[:, None], 0.0)), 0.0)
             W_t = _dot(Bm, tl.trans(Cm), DTYPE, DOT_F32) * M_t * dt[:, None]
@@ -351,11 +393,11 @@ def _scan_fwd_kernel(
 
 @triton.jit
 def _scan_adj_kernel(
-    dt_ptr, A_ptr, C_ptr, dy_ptr, dstates_ptr, rend_ptr, pair_adj_ptr, rout_ptr,
+    dt_ptr, A_ptr, dt_bias_ptr, C_ptr, dy_ptr, dstates_ptr, rend_ptr, pair_adj_ptr, rout_ptr,
     seqlen, nheads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
     sdt_b, sdt_l, sdt_h, sC_b, sC_l, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DSTATES: tl.constexpr, HAS_REND: tl.constexpr, WRITE_ADJ: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_DSTATES: tl.constexpr, HAS_REND: tl.constexpr, WRITE_ADJ: tl.constexpr,
     REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     # one program: one (batch, head), one tile of headdim, one segment, its chunks last to first, carrying
@@ -379,22 +421,22 @@ def _scan_adj_kernel(
     C_base = C_ptr + b.to(tl.int64) * sC_b + g.to(tl.int64) * sC_g
     dy_base = dy_ptr + b.to(tl.int64) * seqlen * nheads * headdim + h * headdim
     A = tl.load(A_ptr + h).to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32) if HAS_DT_BIAS else 0.0
 
     if HAS_REND:
         R = tl.load(_slot(rend_ptr, b, seg, nseg, nheads, h, PN) + pn, mask=mask_pn, other=0.0)
     else:
         R = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
-    # dy and dt are loaded a chunk ahead, as x in the forward kernel (where loading dt ahead too was slower).
-    # Here dt ahead took the adjoint 0.83 -> 0.75 ms on long, 0.114 -> 0.119 on train (H100).
+    # dy and dt are loaded a chunk ahead, as x in the forward kernel: their latency hides behind a chunk's work
     dy_next = _load_chunk(dy_base, nheads * headdim, c1 - 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
-    dt_next = _load_dt(dt_base, sdt_l, c1 - 1, c0, c1, seqlen, offs_l, CHUNK, REVERSE)
+    dt_next = _load_dt(dt_base, sdt_l, c1 - 1, c0, c1, seqlen, offs_l, dt_bias, CHUNK, REVERSE, HAS_DT_BIAS)
     for k in range(c1 - c0):
         c = c1 - 1 - k
         dy, dt = dy_next, dt_next
         dy_next = _load_chunk(dy_base, nheads * headdim, c - 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK,
                               REVERSE)
-        dt_next = _load_dt(dt_base, sdt_l, c - 1, c0, c1, seqlen, offs_l, CHUNK, REVERSE)
+        dt_next = _load_dt(dt_base, sdt_l, c - 1, c0, c1, seqlen, offs_l, dt_bias, CHUNK, REVERSE, HAS_DT_BIAS)
         valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
         mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
         Cm = tl.load(C_base + pos[:, None] * sC_l + offs_n[None, :], mask=mask_ln, other=0.0)
@@ -416,13 +458,13 @@ def _scan_adj_kernel(
 
 @triton.jit
 def _scan_grad_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, init_ptr, dstates_ptr, pair_states_ptr, pair_adj_ptr,
-    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, dy_ptr, init_ptr, dstates_ptr, pair_states_ptr,
+    pair_adj_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
     batch, seqlen, nheads, headdim, dstate, heads_per_group, every, nstates,
     sx_b, sx_l, sx_h, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sC_b, sC_l, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DSTATES: tl.constexpr, REVERSE: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DSTATES: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     # one program: one chunk of one (batch, head), one tile of headdim; S at the chunk's start and R at its
     # end are given or one step away, so nothing is carried. Axis 0 is (chunk, batch * head), heads fastest
@@ -447,6 +489,7 @@ def _scan_grad_kernel(
     pn = offs_p[:, None] * dstate + offs_n[None, :]
     PN = headdim * dstate
     A = tl.load(A_ptr + h).to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32) if HAS_DT_BIAS else 0.0
     x_base = x_ptr + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
     dt_base = dt_ptr + b.to(tl.int64) * sdt_b + h.to(tl.int64) * sdt_h
     B_base = B_ptr + b.to(tl.int64) * sB_b + g.to(tl.int64) * sB_g
@@ -468,14 +511,14 @@ def _scan_grad_kernel(
         S = tl.zeros((BLOCK_P, BLOCK_N), dtype=SDTYPE)
     R = tl.load(pair_adj_ptr + pair_row * PN + pn, mask=mask_pn, other=0.0)
     if c % 2 == 1:
-        dt_prev = _load_dt(dt_base, sdt_l, c - 1, 0, nchunks, seqlen, offs_l, CHUNK, REVERSE)
+        dt_prev = _load_dt(dt_base, sdt_l, c - 1, 0, nchunks, seqlen, offs_l, dt_bias, CHUNK, REVERSE, HAS_DT_BIAS)
         x_prev = _load_chunk(x_base, sx_l, c - 1, 0, nchunks, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
         B_prev = _load_chunk(B_base, sB_l, c - 1, 0, nchunks, seqlen, offs_l, offs_n, dstate, CHUNK, REVERSE)
         a = dt_prev * A
         S = _step(S.to(tl.float32), x_prev, B_prev, dt_prev, tl.cumsum(a, 0), tl.sum(a, 0), DTYPE, DOT_F32)
         S = S.to(SDTYPE)
     else:
-        a = _load_dt(dt_base, sdt_l, c + 1, 0, nchunks, seqlen, offs_l, CHUNK, REVERSE) * A
+        a = _load_dt(dt_base, sdt_l, c + 1, 0, nchunks, seqlen, offs_l, dt_bias, CHUNK, REVERSE, HAS_DT_BIAS) * A
         dy_next = _load_chunk(dy_base, nheads * headdim, c + 1, 0, nchunks, seqlen, offs_l, offs_p, headdim, CHUNK,
                               REVERSE)
         C_next = _load_chunk(C_base, sC_l, c + 1, 0, nchunks, seqlen, offs_l, offs_n, dstate, CHUNK, REVERSE)
@@ -485,7 +528,8 @@ def _scan_grad_kernel(
                 R += _load_dstate(dstates_ptr, b, c, every, nstates, nheads, h, pn, mask_pn, PN)
         R = R.to(SDTYPE)
 
-    dt = tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
+    dt_raw = tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0).to(tl.float32)
+    dt = _dt(dt_raw, valid, dt_bias, HAS_DT_BIAS)
     x = tl.load(x_base + pos[:, None] * sx_l + offs_p[None, :], mask=mask_lp, other=0.0)
     Bm = tl.load(B_base + pos[:, None] * sB_l + offs_n[None, :], mask=mask_ln, other=0.0)
     Cm = tl.load(C_base + pos[:, None] * sC_l + offs_n[None, :], mask=mask_ln, other=0.0)
@@ -526,7 +570,10 @@ def _scan_grad_kernel(
     tl.store(dx_ptr + rows[:, None] * headdim + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_lp)
     # partials: ddt (batch, seqlen, nheads, nptiles); dB, dC (batch, seqlen, nheads * nptiles, dstate);
     # dA, dD (batch, nchunks, nheads, nptiles)
-    tl.store(ddt_ptr + rows * nptiles + pid_p, A * da + tl.sum(xf * LB, 1), mask=valid)
+    ddt = A * da + tl.sum(xf * LB, 1)
+    if HAS_DT_BIAS:  # through dt = softplus(dt_raw + dt_bias)
+        ddt *= tl.sigmoid(dt_raw + dt_bias)
+    tl.store(ddt_ptr + rows * nptiles + pid_p, ddt, mask=valid)
     part = (rows[:, None] * nptiles + pid_p) * dstate + offs_n[None, :]
     tl.store(dB_ptr + part, dB.to(dB_ptr.dtype.element_ty), mask=mask_ln)
     tl.store(dC_ptr + part, dC.to(dC_ptr.dtype.element_ty), mask=mask_ln)
@@ -557,7 +604,7 @@ def _pass_kernel(local_ptr, logdecay_ptr, init_ptr, out_ptr, nseg, nheads, size,
 
 
 # ----------------------------------------------------------------------------------------------
-# launch planning and the autograd function
+# launch planning, the forward and the backward
 
 
 def _tile(n):
@@ -566,40 +613,31 @@ def _tile(n):
 
 
 class _Plan:
-    """Chunk, tile and segment sizes for one problem shape, from a sweep on an H200 (README)."""
+    """Chunk, tile and segment sizes for one problem shape."""
 
     def __init__(self, batch, seqlen, nheads, headdim, dstate, state_every, reverse):
-        self.reverse = reverse
+        self.reverse, self.dstate = reverse, dstate
         self.chunk = _chunk_len(seqlen, state_every)
         self.nchunks = -(-seqlen // self.chunk)
         self.block_l = _tile(self.chunk)
         self.block_n = _tile(dstate)
         # the state tile lives in registers: 64 x 128 floats or fewer
         self.block_p = max(16, min(_pow2(headdim), 8192 // self.block_n))
-        # three pipelining stages: B, C and dt are loaded two chunks ahead. With two, Triton issues the next
-        # chunk's loads at the end of an iteration and waits for them at the start of the next; three made the
-        # forward 17% faster on wide (H100).
+        # 4 warps: the gradient kernel, which holds two state tiles, then fits two blocks per multiprocessor
+        # to hide its loads' latency. Three pipelining stages load B, C and dt two chunks ahead: with two,
+        # Triton issues the next chunk's loads at the end of an iteration and waits for them at the start
+        # of the next, so their latency is never hidden.
         self.warps, self.stages = 4, 3
-        # the passes over the segments' own states (forward) and adjoints (backward) have no L x L tiles: in
-        # 4x longer chunks they took about a third less time on the long shape (forward) and 0.215 -> 0.179 ms
-        # (backward, H100, README); 16-bit inputs only, float32 ones overflow shared memory. They keep two
-        # stages: a third buffer of their tiles leaves shared memory for one block per multiprocessor, and the
-        # forward's ran 50% slower.
+        # the segments' own states (forward) and adjoints (backward) need no L x L tiles, so they walk
+        # chunks 4x longer: fewer, larger steps (16-bit inputs only: float32 tiles of 128 rows overflow
+        # shared memory). Two stages there: a third buffer of those larger tiles would leave shared memory
+        # for one block per multiprocessor.
         self.coarse, self.stages_coarse = 4, 2
-        # backward: the sequential adjoint kernel holds one state tile (R) across its loop, best at 4 warps
-        # (H200) and pipelined like the forward (it loaded C at each step without: its two launches on long
-        # 0.73 -> 0.59 ms, H100). The per-chunk gradient kernel holds two (S, R) and has no loop, so its warps
-        # wait on its loads (Nsight Compute, README): two blocks per multiprocessor beat one. At 4 warps it
-        # takes 255 registers a thread and spills about 20, and runs 20-27% faster than at 8 (H100). Headdim
-        # tiles of 32 spill 84 registers or more; 16 warps or a register cap run slower.
-        self.block_p_adj, self.warps_adj = self.block_p, 4
-        self.block_p_grad, self.warps_grad = self.block_p, 4
-        # a program walks seg_chunks chunks in sequence. From 128 (batch, head, headdim tile) programs up, one
-        # segment each fills the GPU (two programs per multiprocessor). Fewer split the sequence into segments
-        # that run side by side, chained by _pass_kernel after a state-only pass: enough for about 256 programs,
-        # two per multiprocessor of an H100. Fewer leave multiprocessors idle; more slow the forward, whose
-        # state-only pass and chaining grow with them (H100, README). Segments are whole coarse chunks, so at
-        # least 4 chunks long.
+        # a program walks seg_chunks chunks in sequence. From 128 (batch, head, headdim tile) programs up,
+        # one segment each fills the GPU. Fewer cut the sequence into segments that run side by side, chained
+        # by _pass_kernel after a state-only pass: about 256 programs, two per multiprocessor. More segments
+        # would make the state-only pass and the chaining, which grow with them, cost more than they give.
+        # Segments are whole coarse chunks, so at least 4 chunks long.
         programs = batch * nheads * -(-headdim // self.block_p)
         nseg = 1 if programs >= 128 else -(-256 // programs)
         self.seg_chunks = self.coarse * -(-self.nchunks // (self.coarse * nseg))
@@ -610,35 +648,52 @@ def _strides(x, dt, B, C):
     return (*x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3])
 
 
-def _run_fwd(plan, x, dt, A, B, C, D, start, write_y, every, write_pairs=False, coarse=1, write_logdecay=False):
-    """Launch the forward kernel over plan.nseg segments; start is (batch, nseg, nheads, P, N) or None.
-    Returns y (or None); the states after every `every` chunks and at the end, float32 (or None); with
-    write_pairs the states after every second chunk and at the end, the backward's, in x's precision
-    (or None); with write_logdecay each segment's sum of dt A in scan order, (batch, nseg, nheads) float32
-    (or None). coarse > 1 (states only, dividing plan.seg_chunks) walks chunks that many times longer:
-    fewer, larger steps."""
+def _empty(t):
+    """A stand-in for an absent output: the scan's operators return tensors only."""
+    return t.new_empty(0)
+
+
+def _outputs(plan, x, state_every, for_backward):
+    """The forward's outputs, unwritten: y; the states every state_every positions (float32); with
+    for_backward the states after every second chunk and at the end, in x's precision; with segments
+    each one's sum of dt A (float32). Absent ones are empty."""
     batch, seqlen, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2:]
-    chunk = plan.chunk * coarse
-    nchunks = -(-seqlen // chunk)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format) if write_y else None
-    nstates = -(-nchunks // every) if every else 0
-    states = x.new_empty(batch, nstates, nheads, headdim, dstate, dtype=torch.float32) if every else None
-    pairs = x.new_empty(batch, -(-nchunks // 2), nheads, headdim, dstate) if write_pairs else None
-    logdecay = x.new_empty(batch, plan.nseg, nheads, dtype=torch.float32) if write_logdecay else None
-    grid = (batch * nheads, -(-headdim // plan.block_p), plan.nseg)
-    _scan_fwd_kernel[grid](
-        x, dt, A, B, C, D, y, start, states, pairs, logdecay,
-        seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks // coarse, every or 1, nstates,
-        *_strides(x, dt, B, C),
-        CHUNK=chunk, BLOCK_L=_tile(chunk), BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
-        HAS_D=D is not None, HAS_START=start is not None, WRITE_Y=write_y, WRITE_STATES=bool(every),
-        WRITE_PAIRS=write_pairs, WRITE_LOGDECAY=write_logdecay, REVERSE=plan.reverse, DOT_F32=INTERPRET,
-        num_warps=plan.warps, num_stages=plan.stages if coarse == 1 else plan.stages_coarse)
+    dstate = plan.dstate
+    f32 = dict(dtype=torch.float32)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    states = (x.new_empty(batch, seqlen // state_every, nheads, headdim, dstate, **f32) if state_every
+              else _empty(x))
+    pairs = x.new_empty(batch, -(-plan.nchunks // 2), nheads, headdim, dstate) if for_backward else _empty(x)
+    logdecay = x.new_empty(batch, plan.nseg, nheads, **f32) if plan.nseg > 1 else _empty(x)
     return y, states, pairs, logdecay
 
 
-def _run_adj(plan, dt, A, C, dy, dstates, every, rend, pair_adj, coarse=1):
+def _none_if_empty(t):
+    return None if t.numel() == 0 else t
+
+
+def _run_fwd(plan, x, dt, A, B, C, D, dt_bias, start, y, states, pairs, logdecay, every, coarse=1):
+    """Launch the forward kernel over plan.nseg segments, from start (batch, nseg, nheads, P, N) or zeros.
+    Writes whichever outputs are given: y; the states after every `every` chunks and at the end; the
+    states after every second chunk and at the end; each segment's sum of dt A in scan order. coarse > 1
+    (states only, dividing plan.seg_chunks) walks chunks that many times longer."""
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2:]
+    chunk = plan.chunk * coarse
+    nstates = 0 if states is None else states.shape[1]
+    grid = (batch * nheads, -(-headdim // plan.block_p), plan.nseg)
+    _scan_fwd_kernel[grid](
+        x, dt, A, B, C, D, dt_bias, y, start, states, pairs, logdecay,
+        seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks // coarse, every or 1, nstates,
+        *_strides(x, dt, B, C),
+        CHUNK=chunk, BLOCK_L=_tile(chunk), BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
+        HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, HAS_START=start is not None, WRITE_Y=y is not None,
+        WRITE_STATES=states is not None, WRITE_PAIRS=pairs is not None, WRITE_LOGDECAY=logdecay is not None,
+        REVERSE=plan.reverse, DOT_F32=INTERPRET,
+        num_warps=plan.warps, num_stages=plan.stages if coarse == 1 else plan.stages_coarse)
+
+
+def _run_adj(plan, dt, A, dt_bias, C, dy, dstates, every, rend, pair_adj, coarse=1):
     """Launch the adjoint kernel over plan.nseg segments, from rend (batch, nseg, nheads, P, N) or from zero.
     Writes R at the end of every pair of chunks into pair_adj unless it is None; returns R entering each
     segment. coarse > 1 (no pair_adj; dividing plan.seg_chunks, and every if there are dstates) walks chunks
@@ -647,15 +702,15 @@ def _run_adj(plan, dt, A, C, dy, dstates, every, rend, pair_adj, coarse=1):
     ngroups, dstate = C.shape[2:]
     chunk = plan.chunk * coarse
     rout = dy.new_empty(batch, plan.nseg, nheads, headdim, dstate, dtype=torch.float32)
-    grid = (batch * nheads, -(-headdim // plan.block_p_adj), plan.nseg)
+    grid = (batch * nheads, -(-headdim // plan.block_p), plan.nseg)
     _scan_adj_kernel[grid](
-        dt, A, C, dy, dstates, rend, pair_adj, rout,
+        dt, A, dt_bias, C, dy, dstates, rend, pair_adj, rout,
         seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks // coarse, max(1, every // coarse),
         plan.nchunks // every, *dt.stride(), *C.stride()[:3],
-        CHUNK=chunk, BLOCK_L=_tile(chunk), BLOCK_P=plan.block_p_adj, BLOCK_N=plan.block_n,
-        HAS_DSTATES=dstates is not None, HAS_REND=rend is not None, WRITE_ADJ=pair_adj is not None,
-        REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps_adj,
-        num_stages=plan.stages if coarse == 1 else plan.stages_coarse)
+        CHUNK=chunk, BLOCK_L=_tile(chunk), BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
+        HAS_DT_BIAS=dt_bias is not None, HAS_DSTATES=dstates is not None, HAS_REND=rend is not None,
+        WRITE_ADJ=pair_adj is not None, REVERSE=plan.reverse, DOT_F32=INTERPRET,
+        num_warps=plan.warps, num_stages=plan.stages if coarse == 1 else plan.stages_coarse)
     return rout
 
 
@@ -670,73 +725,164 @@ def _pass(local, logdecay, init, reverse):
     return out
 
 
-def _forward(x, dt, A, B, C, D, initial_state, reverse, state_every, for_backward=False):
-    """y and the returned states; for the backward, the plan, each segment's log-decay (None with one
-    segment) and, if for_backward, the states after every pair of chunks (else None)."""
-    batch, seqlen, nheads, headdim = x.shape
-    plan = _Plan(batch, seqlen, nheads, headdim, B.shape[3], state_every, reverse)
-    start, logdecay = initial_state, None
+def _plan(x, B, state_every, reverse):
+    """The plan of a scan of x and B (state_every 0: no returned states)."""
+    return _cached_plan(*x.shape, B.shape[3], state_every or None, reverse)
+
+
+_cached_plan = functools.lru_cache(maxsize=1024)(_Plan)  # a model makes the same few plans every step
+
+
+def _forward(x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every, for_backward):
+    """y, the states every state_every positions (0: none), and for the backward the pair states and each
+    segment's log-decay; absent outputs are empty."""
+    plan = _plan(x, B, state_every, reverse)
+    y, states, pairs, logdecay = _outputs(plan, x, state_every, for_backward)
+    start = initial_state
     if plan.nseg > 1:  # each segment's own final state, then chained
         k = plan.coarse if x.element_size() == 2 else 1
-        _, local, _, logdecay = _run_fwd(plan, x, dt, A, B, C, D, None, False, plan.seg_chunks // k, coarse=k,
-                                         write_logdecay=True)
+        local = x.new_empty(*logdecay.shape, x.shape[3], plan.dstate, dtype=torch.float32)
+        _run_fwd(plan, x, dt, A, B, C, D, dt_bias, None, None, local, None, logdecay, plan.seg_chunks // k, coarse=k)
         start = _pass(local, logdecay, initial_state, False)
-    y, states, pairs, _ = _run_fwd(plan, x, dt, A, B, C, D, start, True, state_every and state_every // plan.chunk,
-                                   write_pairs=for_backward)
-    return y, states, plan, pairs, logdecay
+    _run_fwd(plan, x, dt, A, B, C, D, dt_bias, start, y, _none_if_empty(states), _none_if_empty(pairs), None,
+             state_every // plan.chunk)
+    return y, states, pairs, logdecay
 
 
-class _SelectiveScan(torch.autograd.Function):
+def _backward(x, dt, A, B, C, D, initial_state, dt_bias, pair_states, logdecay, dy, dstates, reverse, state_every):
+    """The gradients of x, dt, A, B, C, D, initial_state and dt_bias (empty where the input is None)."""
+    plan = _plan(x, B, state_every, reverse)
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2:]
+    dy = torch.zeros_like(x) if dy is None else dy.contiguous()
+    dstates = None if dstates is None or dstates.numel() == 0 else dstates.contiguous()
+    every = state_every // plan.chunk if state_every else 1
+    f32 = dict(device=x.device, dtype=torch.float32)
+    # R at the end of every pair of chunks, in the inputs' precision like the forward's pair states: the
+    # gradient kernel's products read both at that precision anyway
+    pair_adj = torch.empty(batch, -(-plan.nchunks // 2), nheads, headdim, dstate, device=x.device, dtype=x.dtype)
+    rend = None
+    if plan.nseg > 1:  # each segment's own adjoint, then chained from the last segment back
+        k = plan.coarse if x.element_size() == 2 and (dstates is None or every % plan.coarse == 0) else 1
+        rend = _pass(_run_adj(plan, dt, A, dt_bias, C, dy, dstates, every, None, None, coarse=k), logdecay, None,
+                     True)
+    rout = _run_adj(plan, dt, A, dt_bias, C, dy, dstates, every, rend, pair_adj)
+    # every chunk's gradients, side by side
+    nptiles = -(-headdim // plan.block_p)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    ddt = torch.empty(batch, seqlen, nheads, nptiles, **f32)
+    dB = B.new_empty(batch, seqlen, nheads * nptiles, dstate)
+    dC = C.new_empty(batch, seqlen, nheads * nptiles, dstate)
+    dA = torch.empty(batch, plan.nchunks, nheads, nptiles, **f32)
+    dD = torch.empty(batch, plan.nchunks, nheads, nptiles, **f32) if D is not None else None
+    _scan_grad_kernel[(plan.nchunks * batch * nheads, nptiles)](
+        x, dt, A, B, C, D, dt_bias, dy, initial_state, dstates, pair_states, pair_adj,
+        dx, ddt, dB, dC, dA, dD,
+        batch, seqlen, nheads, headdim, dstate, nheads // ngroups, every, plan.nchunks // every,
+        *_strides(x, dt, B, C),
+        CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
+        HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, HAS_INIT=initial_state is not None,
+        HAS_DSTATES=dstates is not None, REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps)
+    group_sum = lambda t: t.view(batch, seqlen, ngroups, -1, dstate).sum(3)  # accumulated in float32
+    ddt = ddt.sum(3)
+    return (dx, ddt.to(dt.dtype), dA.sum((0, 1, 3)).to(A.dtype), group_sum(dB), group_sum(dC),
+            _empty(x) if D is None else dD.sum((0, 1, 3)).to(D.dtype),
+            _empty(x) if initial_state is None else rout[:, 0].to(initial_state.dtype),
+            _empty(x) if dt_bias is None else ddt.sum((0, 1)).to(dt_bias.dtype))
 
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_state, reverse, state_every):
-        ctx.set_materialize_grads(False)
-        y, states, plan, pair_states, logdecay = _forward(x, dt, A, B, C, D, initial_state, reverse, state_every,
-                                                          for_backward=True)
-        ctx.save_for_backward(x, dt, A, B, C, D, initial_state, pair_states, logdecay)
-        ctx.plan, ctx.state_every = plan, state_every
-        return y, states
 
-    @staticmethod
-    def backward(ctx, dy, dstates):
-        x, dt, A, B, C, D, initial_state, pair_states, logdecay = ctx.saved_tensors
-        plan = ctx.plan
-        batch, seqlen, nheads, headdim = x.shape
-        ngroups, dstate = B.shape[2:]
-        dy = torch.zeros_like(x) if dy is None else dy.contiguous()
-        dstates = None if dstates is None else dstates.contiguous()
-        every = ctx.state_every // plan.chunk if ctx.state_every else 1
-        f32 = dict(device=x.device, dtype=torch.float32)
-        # forward states (saved by the forward) and adjoints at the end of every pair of chunks. Both are stored
-        # in the inputs' precision: the gradient kernel's products take them at that precision anyway, and in
-        # bfloat16 they are half the memory traffic.
-        npairs = -(-plan.nchunks // 2)
-        pair_adj = torch.empty(batch, npairs, nheads, headdim, dstate, device=x.device, dtype=x.dtype)
-        rend = None
-        if plan.nseg > 1:  # each segment's own adjoint, then chained from the last segment back
-            k = plan.coarse if x.element_size() == 2 and (dstates is None or every % plan.coarse == 0) else 1
-            rend = _pass(_run_adj(plan, dt, A, C, dy, dstates, every, None, None, coarse=k), logdecay, None, True)
-        rout = _run_adj(plan, dt, A, C, dy, dstates, every, rend, pair_adj)
-        # every chunk's gradients, side by side
-        nptiles = -(-headdim // plan.block_p_grad)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        ddt = torch.empty(batch, seqlen, nheads, nptiles, **f32)
-        dB = B.new_empty(batch, seqlen, nheads * nptiles, dstate)
-        dC = C.new_empty(batch, seqlen, nheads * nptiles, dstate)
-        dA = torch.empty(batch, plan.nchunks, nheads, nptiles, **f32)
-        dD = torch.empty(batch, plan.nchunks, nheads, nptiles, **f32) if D is not None else None
-        _scan_grad_kernel[(plan.nchunks * batch * nheads, nptiles)](
-            x, dt, A, B, C, D, dy, initial_state, dstates, pair_states, pair_adj,
-            dx, ddt, dB, dC, dA, dD,
-            batch, seqlen, nheads, headdim, dstate, nheads // ngroups, every, plan.nchunks // every,
-            *_strides(x, dt, B, C),
-            CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p_grad, BLOCK_N=plan.block_n,
-            HAS_D=D is not None, HAS_INIT=initial_state is not None, HAS_DSTATES=dstates is not None,
-            REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps_grad)
-        group_sum = lambda t: t.view(batch, seqlen, ngroups, -1, dstate).sum(3)  # accumulated in float32
-        dinit = None if initial_state is None else rout[:, 0].to(initial_state.dtype)
-        return (dx, ddt.sum(3).to(dt.dtype), dA.sum((0, 1, 3)).to(A.dtype), group_sum(dB), group_sum(dC),
-                None if D is None else dD.sum((0, 1, 3)).to(D.dtype), dinit, None, None)
+# ----------------------------------------------------------------------------------------------
+# the kernels as PyTorch operators, and the scan's public entry
+
+
+def _on_device(t):
+    """Triton launches on the current CUDA device: make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
+def _like(t, like=None):
+    """A new tensor of t's shape and dtype, contiguous (what every kernel returns); empty if t is None."""
+    return like.new_empty(0) if t is None else t.new_empty(t.shape)
+
+
+def _operator(name, impl, fake, setup, grads, backward_impl=None, backward_fake=None):
+    """impl as the torch.library operator diffumamba::name (fake: its outputs' shapes, for tracing), whose
+    gradients grads(ctx, *output_grads) computes, through ctx.backward if the backward has a kernel: the
+    operator made of backward_impl. setup(ctx, inputs, output) saves what grads needs. Returns the
+    function to call: under torch.compile the operator, which the compiler traces; in an eager call with
+    gradients, an autograd.Function that runs impl and backward_impl itself; without, impl alone. Eager
+    calls skip the operator's dispatch, which costs about as much host time as the kernels' launches."""
+    op = torch.library.custom_op(f"diffumamba::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    backward_op = None
+    if backward_impl is not None:
+        backward_op = torch.library.custom_op(f"diffumamba::{name}_backward", backward_impl, mutates_args=())
+        backward_op.register_fake(backward_fake)
+
+    def setup_op(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        ctx.backward = backward_op
+    op.register_autograd(grads, setup_context=setup_op)
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = impl(*inputs)
+            setup(ctx, inputs, output)
+            ctx.backward = backward_impl
+            return output
+
+        backward = staticmethod(grads)
+
+    def call(*inputs):
+        if torch.compiler.is_compiling():
+            return op(*inputs)
+        if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in inputs):
+            return Eager.apply(*inputs)
+        return impl(*inputs)
+    return call
+
+
+def _scan_impl(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+               initial_state: Optional[Tensor], dt_bias: Optional[Tensor], reverse: bool, state_every: int,
+               for_backward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with _on_device(x):
+        return _forward(x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every, for_backward)
+
+
+def _scan_fake(x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every, for_backward):
+    return _outputs(_plan(x, B, state_every, reverse), x, state_every, for_backward)
+
+
+def _scan_backward_impl(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                        initial_state: Optional[Tensor], dt_bias: Optional[Tensor], pair_states: Tensor,
+                        logdecay: Tensor, dy: Optional[Tensor], dstates: Optional[Tensor], reverse: bool,
+                        state_every: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with _on_device(x):
+        return _backward(x, dt, A, B, C, D, initial_state, dt_bias, pair_states, _none_if_empty(logdecay), dy,
+                         dstates, reverse, state_every)
+
+
+def _scan_backward_fake(x, dt, A, B, C, D, initial_state, dt_bias, pair_states, logdecay, dy, dstates, reverse,
+                        state_every):
+    return tuple(_like(t, x) for t in (x, dt, A, B, C, D, initial_state, dt_bias))
+
+
+def _scan_setup(ctx, inputs, output):
+    x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every, _ = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, dt_bias, output[2], output[3])
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.set_materialize_grads(False)  # an unused y or states sends None, not a tensor of zeros
+    ctx.reverse, ctx.state_every = reverse, state_every
+
+
+def _scan_grads(ctx, dy, dstates, _pairs, _logdecay):
+    saved = ctx.saved_tensors
+    grads = ctx.backward(*saved, dy, dstates, ctx.reverse, ctx.state_every)
+    return (*(None if t is None else g for t, g in zip(saved[:8], grads)), None, None, None)
+
+
+_scan = _operator("scan", _scan_impl, _scan_fake, _scan_setup, _scan_grads, _scan_backward_impl, _scan_backward_fake)
 
 
 def _last_dim_contiguous(t):
@@ -748,33 +894,25 @@ def _takes_kernels(t):
     return t.is_cuda or CPU_KERNELS
 
 
-def _on_device(t):
-    """Triton launches on the current CUDA device: make it t's."""
-    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
-
-
-@torch.compiler.disable
-def selective_scan(x, dt, A, B, C, D=None, initial_state=None, reverse=False, state_every=None):
-    """Mamba-2 selective scan. See the module docstring and DESIGN.md section 1.
+def selective_scan(x, dt, A, B, C, D=None, initial_state=None, reverse=False, state_every=None, dt_bias=None):
+    """Mamba-2 selective scan (see the module docstring).
 
     x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads), positive; A: (nheads,), negative;
     B, C: (batch, seqlen, ngroups, dstate); D: (nheads,) or None; initial_state: (batch, nheads, headdim,
-    dstate) or None. Returns y like x, or (y, states) with states (batch, seqlen // state_every, nheads,
-    headdim, dstate) in float32: the state after each state_every positions, in scan order.
+    dstate) or None; dt_bias: (nheads,) or None, and if given dt is the raw projection and the scan uses
+    softplus(dt + dt_bias). Returns y like x, or (y, states) with states (batch, seqlen // state_every,
+    nheads, headdim, dstate) in float32: the state after each state_every positions, in scan order.
     CUDA tensors run the Triton kernels, as do CPU tensors under TRITON_INTERPRET=1; other CPU tensors
-    take the vectorised PyTorch path."""
-    _check_args(x, dt, A, B, C, D, initial_state, state_every, FLOAT_DTYPES)
+    take selective_scan_chunked."""
     if not _takes_kernels(x):
-        return _scan_torch(x, dt, A, B, C, D, initial_state, reverse, state_every)
+        return selective_scan_chunked(x, dt, A, B, C, D, initial_state, reverse, state_every, dt_bias)
+    _check_args(x, dt, A, B, C, D, initial_state, dt_bias, state_every, FLOAT_DTYPES)
     x, B, C = (_last_dim_contiguous(t) for t in (x, B, C))
-    A, D = A.contiguous(), None if D is None else D.contiguous()
+    A, D, dt_bias = (None if t is None else t.contiguous() for t in (A, D, dt_bias))
     initial_state = None if initial_state is None else initial_state.contiguous()
-    args = (x, dt, A, B, C, D, initial_state, bool(reverse), None if state_every is None else int(state_every))
-    with _on_device(x):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
-            y, states = _SelectiveScan.apply(*args)
-        else:  # nothing to differentiate (sampling): skip the autograd Function's bookkeeping
-            y, states = _forward(*args)[:2]
+    inputs = (x, dt, A, B, C, D, initial_state, dt_bias)
+    for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    y, states, _, _ = _scan(*inputs, bool(reverse), int(state_every or 0), for_backward)
     return y if state_every is None else (y, states)
 
 
@@ -791,8 +929,8 @@ def causal_conv_ref(x, weight, bias, tail, reverse):
     (channels,); tail: (batch, width - 1, channels), the inputs just before the sequence (after it when
     reverse). Returns silu(conv), (batch, seqlen, channels)."""
     padded = torch.cat([x, tail] if reverse else [tail, x], dim=1).transpose(1, 2)
-    v = torch.nn.functional.conv1d(padded, weight[:, None].to(x.dtype), bias.to(x.dtype), groups=x.shape[2])
-    return torch.nn.functional.silu(v.transpose(1, 2))
+    v = F.conv1d(padded, weight[:, None].to(x.dtype), bias.to(x.dtype), groups=x.shape[2])
+    return F.silu(v.transpose(1, 2))
 
 
 @triton.jit
@@ -849,7 +987,9 @@ def _conv_launch(x, weight, bias, tail, reverse, silu, out_dtype, dy=None):
     dv (float32) and the partial sums of dw and db."""
     batch, seqlen, channels = x.shape
     width = weight.shape[1]
-    BLOCK_T, BLOCK_C = 64, 128
+    BLOCK_C = 128
+    # 64 positions a program, or 16 where that leaves too few programs to fill the GPU (a block step)
+    BLOCK_T = 64 if batch * -(-seqlen // 64) * -(-channels // BLOCK_C) >= 256 else 16
     grid = (batch, -(-seqlen // BLOCK_T), -(-channels // BLOCK_C))
     grad = dy is not None
     y = torch.empty(batch, seqlen, channels, device=x.device, dtype=torch.float32 if grad else out_dtype)
@@ -861,34 +1001,55 @@ def _conv_launch(x, weight, bias, tail, reverse, silu, out_dtype, dy=None):
     return (y, dw, db) if grad else y
 
 
-class _CausalConv(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, tail, reverse):
-        ctx.save_for_backward(x, weight, bias, tail)
-        ctx.reverse = reverse
+def _conv_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], tail: Optional[Tensor], reverse: bool) -> Tensor:
+    with _on_device(x):
         return _conv_launch(x, weight, bias, tail, reverse, True, x.dtype)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, tail = ctx.saved_tensors
-        reverse, width, seqlen = ctx.reverse, weight.shape[1], x.shape[1]
+
+def _conv_fake(x, weight, bias, tail, reverse):
+    return _like(x)
+
+
+def _conv_backward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], tail: Optional[Tensor], dy: Tensor,
+                        reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    width, seqlen = weight.shape[1], x.shape[1]
+    with _on_device(x):
         dv, dw, db = _conv_launch(x, weight, bias, tail, reverse, False, None, dy.contiguous())
         # dx_p = sum_j w_j dv_{t(p, j)}: the conv of dv in the other direction with the taps flipped
         dx = _conv_launch(dv, weight.flip(1).contiguous(), None, None, not reverse, False, x.dtype)
-        dtail = None
-        if tail is not None:  # tail row k feeds output t = k - j (t = seqlen + k - j when reverse) through tap j
-            dtail = torch.zeros_like(tail, dtype=torch.float32)
-            for k in range(width - 1):
-                for j in range(width):
-                    t = seqlen + k - j if reverse else k - j
-                    if 0 <= t < seqlen and (j > k if reverse else j <= k):
-                        dtail[:, k] += weight[:, j].float() * dv[:, t]
-            dtail = dtail.to(tail.dtype)
-        return (dx, dw.sum(0).t().to(weight.dtype), None if bias is None else db.sum(0).to(bias.dtype), dtail, None)
+    dtail = _empty(x)
+    if tail is not None:  # tail row k feeds output t = k - j (t = seqlen + k - j when reverse) through tap j
+        dtail = torch.zeros_like(tail, dtype=torch.float32)
+        for k in range(width - 1):
+            for j in range(width):
+                t = seqlen + k - j if reverse else k - j
+                if 0 <= t < seqlen and (j > k if reverse else j <= k):
+                    dtail[:, k] += weight[:, j].float() * dv[:, t]
+        dtail = dtail.to(tail.dtype)
+    return (dx, dw.sum(0).t().contiguous().to(weight.dtype), _empty(x) if bias is None else db.sum(0).to(bias.dtype),
+            dtail)
 
 
-@torch.compiler.disable
+def _conv_backward_fake(x, weight, bias, tail, dy, reverse):
+    return _like(x), _like(weight), _like(bias, x), _like(tail, x)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, tail, reverse = inputs
+    ctx.save_for_backward(x, weight, bias, tail)
+    ctx.reverse = reverse
+
+
+def _conv_grads(ctx, dy):
+    x, weight, bias, tail = ctx.saved_tensors
+    dx, dw, db, dtail = ctx.backward(x, weight, bias, tail, dy, ctx.reverse)
+    return dx, dw, None if bias is None else db, None if tail is None else dtail, None
+
+
+_conv = _operator("causal_conv", _conv_impl, _conv_fake, _conv_setup, _conv_grads, _conv_backward_impl,
+                  _conv_backward_fake)
+
+
 def causal_conv(x, weight, bias=None, tail=None, reverse=False):
     """silu(depthwise conv of width W) over x (batch, seqlen, channels), causal, or looking ahead when
     reverse; weight (channels, W), bias (channels,) or None, tail (batch, W - 1, channels) or None (zeros):
@@ -897,11 +1058,9 @@ def causal_conv(x, weight, bias=None, tail=None, reverse=False):
     if not _takes_kernels(x):
         tail = x.new_zeros(x.shape[0], weight.shape[1] - 1, x.shape[2]) if tail is None else tail
         return causal_conv_ref(x, weight, x.new_zeros(x.shape[2]) if bias is None else bias, tail.to(x.dtype), reverse)
-    x = _last_dim_contiguous(x)
-    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
     tail = None if tail is None else tail.to(x.dtype).contiguous()
-    with _on_device(x):
-        return _CausalConv.apply(x, weight, bias, tail, bool(reverse))
+    return _conv(_last_dim_contiguous(x), weight.contiguous(), None if bias is None else bias.contiguous(), tail,
+                 bool(reverse))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -911,7 +1070,7 @@ def causal_conv(x, weight, bias=None, tail=None, reverse=False):
 
 
 def gated_rms_norm_ref(y, z, weight, eps=1e-6):
-    g = y.float() * torch.nn.functional.silu(z.float())
+    g = y.float() * F.silu(z.float())
     return (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(y.dtype)
 
 
@@ -947,7 +1106,9 @@ def _gated_norm_kernel(y_ptr, z_ptr, w_ptr, dout_ptr, out_ptr, dy_ptr, dz_ptr, d
 
 def _gated_norm_launch(y, z, weight, eps, dout=None):
     rows, d = y.shape
-    ROWS = 16  # rows per program: each program's dweight partial is one row
+    # up to 16 rows a program (each program's dweight partial is one row), but at least about 1024
+    # programs: a block step's few rows then spread over the GPU instead of queueing in a few programs
+    ROWS = max(1, min(16, rows // 1024))
     grid = (-(-rows // ROWS),)
     grad = dout is not None
     out = None if grad else torch.empty_like(y)
@@ -958,29 +1119,145 @@ def _gated_norm_launch(y, z, weight, eps, dout=None):
     return (dy, dz, dw.sum(0).to(weight.dtype)) if grad else out
 
 
-class _GatedNorm(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, y, z, weight, eps):
-        ctx.save_for_backward(y, z, weight)
-        ctx.eps = eps
+def _gated_norm_impl(y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
+    with _on_device(y):
         return _gated_norm_launch(y, z, weight, eps)
 
-    @staticmethod
-    def backward(ctx, dout):
-        y, z, weight = ctx.saved_tensors
-        return (*_gated_norm_launch(y, z, weight, ctx.eps, dout.contiguous()), None)
+
+def _gated_norm_fake(y, z, weight, eps):
+    return _like(y)
 
 
-@torch.compiler.disable
+def _gated_norm_backward_impl(y: Tensor, z: Tensor, weight: Tensor, dout: Tensor,
+                              eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    with _on_device(y):
+        return _gated_norm_launch(y, z, weight, eps, dout.contiguous())
+
+
+def _gated_norm_backward_fake(y, z, weight, dout, eps):
+    return _like(y), y.new_empty(y.shape, dtype=z.dtype), _like(weight)
+
+
+def _gated_norm_setup(ctx, inputs, output):
+    y, z, weight, eps = inputs
+    ctx.save_for_backward(y, z, weight)
+    ctx.eps = eps
+
+
+def _gated_norm_grads(ctx, dout):
+    y, z, weight = ctx.saved_tensors
+    return (*ctx.backward(y, z, weight, dout, ctx.eps), None)
+
+
+_gated_norm = _operator("gated_rms_norm", _gated_norm_impl, _gated_norm_fake, _gated_norm_setup, _gated_norm_grads,
+                        _gated_norm_backward_impl, _gated_norm_backward_fake)
+
+
 def gated_rms_norm(y, z, weight, eps=1e-6):
     """RMSNorm(y * silu(z)) * weight over the last dim, in y's dtype; y, z: (..., d), weight: (d,). CUDA
     tensors (and CPU ones under TRITON_INTERPRET=1) run the fused kernel, other CPU tensors the reference."""
     if not _takes_kernels(y):
         return gated_rms_norm_ref(y, z, weight, eps)
     shape, d = y.shape, y.shape[-1]
-    y = y.reshape(-1, d).contiguous()
     z = z.reshape(-1, d)  # a view where it can be (z is a slice of in_proj's output): rows of stride z.stride(0)
-    z = z if z.stride(-1) == 1 else z.contiguous()
-    with _on_device(y):
-        return _GatedNorm.apply(y, z, weight.contiguous(), eps).view(shape)
+    return _gated_norm(y.reshape(-1, d).contiguous(), _last_dim_contiguous(z), weight.contiguous(), eps).view(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# the output layer and its loss, fused: loss = sum_i w_i (logsumexp(l_i) - l_i[target_i]) with l = h W^T,
+# over the real vocabulary. The logits are formed once in the inputs' precision (bfloat16 in training)
+# and never copied to float32: one kernel reads each row twice (its logsumexp, then its gradient) and
+# writes the gradient w_i (softmax(l_i) - onehot(target_i)) over it, from which two products give dh
+# and dW in the forward pass; the backward only scales them by the loss's gradient.
+
+
+def linear_cross_entropy_ref(h, weight, targets, loss_weights, vocab_size):
+    """The definition in float32: h (rows, d), weight (ncols >= vocab_size, d), targets (rows,),
+    loss_weights (rows,); returns the scalar sum of loss_weights * -log softmax(h weight^T)[target]."""
+    logits = F.linear(h, weight)[:, :vocab_size].float()
+    return (F.cross_entropy(logits, targets, reduction="none") * loss_weights).sum()
+
+
+@triton.jit
+def _cross_entropy_kernel(logits_ptr, targets_ptr, weights_ptr, loss_ptr, vocab, ncols, stride,
+                          BLOCK: tl.constexpr, GRAD: tl.constexpr):
+    # one program: one row of logits, ncols wide, the first vocab of them real. loss_ptr[row] gets
+    # w * (logsumexp - logit[target]); with GRAD the row is overwritten by w * (softmax - onehot(target)),
+    # 0 in the padded columns. A row of weight 0 costs nothing but its writes.
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    w = tl.load(weights_ptr + row).to(tl.float32)
+    target = tl.load(targets_ptr + row)
+    cols = tl.arange(0, BLOCK)
+    lse = tl.zeros_like(w)
+    if w != 0:
+        m = tl.full([BLOCK], -1e30, dtype=tl.float32)  # per-lane running max and sum of exp: no reductions
+        s = tl.zeros([BLOCK], dtype=tl.float32)        # inside the loop
+        for start in range(0, vocab, BLOCK):
+            v = tl.load(base + start + cols, mask=start + cols < vocab, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, v)
+            s = s * tl.exp(m - m_new) + tl.exp(v - m_new)
+            m = m_new
+        m_row = tl.max(m, 0)
+        lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), 0))
+        tl.store(loss_ptr + row, w * (lse - tl.load(base + target).to(tl.float32)))
+    else:
+        tl.store(loss_ptr + row, 0.0)
+    if GRAD:
+        for start in range(0, ncols, BLOCK):
+            c = start + cols
+            v = tl.load(base + c, mask=c < vocab, other=float("-inf")).to(tl.float32)
+            # v <= lse; the bound keeps a row of weight 0, whose lse was never formed, finite
+            g = w * (tl.exp(tl.minimum(v - lse, 0.0)) - tl.where(c == target, 1.0, 0.0))
+            tl.store(base + c, tl.where(c < vocab, g, 0.0).to(logits_ptr.dtype.element_ty), mask=c < ncols)
+
+
+def _linear_cross_entropy(h, weight, targets, loss_weights, vocab_size, grad):
+    """The loss, and with grad its gradients dh and dW (else empty tensors)."""
+    logits = h @ weight.t()
+    rows, ncols = logits.shape
+    losses = torch.empty(rows, device=h.device, dtype=torch.float32)
+    _cross_entropy_kernel[(rows,)](logits, targets, loss_weights, losses, vocab_size, ncols, logits.stride(0),
+                                   BLOCK=min(4096, _pow2(ncols)), GRAD=grad, num_warps=8)
+    if not grad:
+        return losses.sum(), _empty(h), _empty(h)
+    return losses.sum(), logits @ weight, logits.t() @ h  # the logits now hold the loss's gradient in them
+
+
+def _lce_impl(h: Tensor, weight: Tensor, targets: Tensor, loss_weights: Tensor, vocab_size: int,
+              grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    with _on_device(h):
+        return _linear_cross_entropy(h, weight, targets, loss_weights, vocab_size, grad)
+
+
+def _lce_fake(h, weight, targets, loss_weights, vocab_size, grad):
+    loss = h.new_empty((), dtype=torch.float32)
+    return (loss, _like(h), _like(weight)) if grad else (loss, _empty(h), _empty(h))
+
+
+def _lce_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _lce_grads(ctx, dloss, _dh, _dW):
+    dh, dW = ctx.saved_tensors
+    return dloss * dh, dloss * dW, None, None, None, None
+
+
+_lce = _operator("linear_cross_entropy", _lce_impl, _lce_fake, _lce_setup, _lce_grads)
+
+
+def linear_cross_entropy(h, weight, targets, loss_weights, vocab_size):
+    """sum over rows of loss_weights * -log softmax(h weight^T)[targets], the softmax over the first
+    vocab_size columns; h (rows, d), weight (ncols, d), targets (rows,) int, loss_weights (rows,).
+    Under autocast the product runs in autocast's dtype. CUDA tensors (and CPU ones under
+    TRITON_INTERPRET=1) run the fused kernel, other CPU tensors linear_cross_entropy_ref."""
+    if not _takes_kernels(h):
+        return linear_cross_entropy_ref(h, weight, targets, loss_weights, vocab_size)
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _lce(h.contiguous(), weight.contiguous(), targets.contiguous(), loss_weights.float().contiguous(),
+                vocab_size, grad)[0]
