@@ -11,7 +11,12 @@ every K positions (state_every=K); the noisy stream is cut into blocks, (batch, 
 and each block's forward scan starts from the clean state and conv window just before it. The backward
 direction is confined to each block by the same reshape, and attention layers use the BD3-LM mask.
 At inference the clean state and conv window are a cache of everything committed so far, of constant
-size: model.new_cache / forward_block / commit reproduce the training logits exactly.
+size: model.new_cache / forward_block / commit reproduce the training logits exactly. Attention layers
+keep keys and values in buffers sized once, so that a cache is a fixed set of tensors and a CUDA graph
+can replay the calls.
+
+Training never holds the logits whole in float32: with loss_weights, model(xt, x0, loss_weights) returns
+the loss straight from the last hidden states (linear_cross_entropy).
 """
 
 import math
@@ -21,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan_kernel import causal_conv, gated_rms_norm, selective_scan
+from scan_kernel import causal_conv, gated_rms_norm, linear_cross_entropy, selective_scan
 
 ARCHS = ("mamba", "hybrid", "transformer")
 
@@ -65,11 +70,16 @@ class ModelConfig:
         return self.arch == "transformer" or (self.arch == "hybrid" and (i + 1) % self.attn_every == 0)
 
     @property
+    def has_attention(self):
+        return any(map(self.is_attention, range(self.n_layer)))
+
+    @property
     def mamba_mlp_hidden(self):
         """MLP width of Mamba blocks: what makes a Mamba block as large as an attention block."""
         d, di = self.d_model, self.expand * self.d_model
         nheads, bc = di // self.headdim, 2 * self.ngroups * self.dstate
-        mixer = 2 * (d * (2 * di + bc + nheads) + (di + bc) * (self.d_conv + 1) + 3 * nheads + di + di * d)
+        in_proj = -(-2 * (2 * di + bc + nheads) // 64) * 64  # BiMamba's, padded
+        mixer = d * in_proj + 2 * ((di + bc) * (self.d_conv + 1) + 3 * nheads + di + di * d)
         attention = 4 * d * d + 2 * d * self.mlp_mult * d
         return max(64, round((attention - mixer) / (2 * d) / 64) * 64)
 
@@ -111,8 +121,9 @@ class MLP(nn.Module):
 
 
 class Mamba2(nn.Module):
-    """One direction of the mixer: in_proj -> (z, xBC, dt); short depthwise conv + SiLU on xBC; the scan;
-    RMSNorm(y * silu(z)); out_proj. reverse=True scans last to first and its conv looks ahead."""
+    """One direction of the mixer between its projections (BiMamba holds those, one product for both
+    directions): short depthwise conv + SiLU on xBC; the scan; RMSNorm(y * silu(z)). reverse=True scans
+    last to first and its conv looks ahead."""
 
     def __init__(self, cfg, reverse):
         super().__init__()
@@ -121,7 +132,7 @@ class Mamba2(nn.Module):
         self.nheads, self.headdim = self.d_inner // cfg.headdim, cfg.headdim
         self.ngroups, self.dstate = cfg.ngroups, cfg.dstate
         self.conv_dim = self.d_inner + 2 * cfg.ngroups * cfg.dstate
-        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + self.conv_dim + self.nheads, bias=False)
+        self.width = self.d_inner + self.conv_dim + self.nheads  # in_proj's columns for this direction
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, 1, cfg.d_conv).uniform_(-1, 1) / math.sqrt(cfg.d_conv))
         self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim))
         # Mamba's initialisation: dt log-uniform in [1e-3, 0.1] through softplus, A uniform in [-16, -1]
@@ -130,24 +141,22 @@ class Mamba2(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.nheads).uniform_(1, 16).log())
         self.D = nn.Parameter(torch.ones(self.nheads))
         self.norm = RMSNorm(self.d_inner)
-        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
-        self.out_proj.residual = True
 
-    def forward(self, u, tail=None, state=None, state_every=None):
-        """u: (n, T, d_model). tail: (n, d_conv - 1, conv_dim), the conv inputs just outside the segment
-        (before it; after it when reverse), zeros if None. state: the scan state entering the segment.
-        Returns y, the states every state_every positions (or None), and the conv inputs xBC."""
-        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+    def forward(self, zxbcdt, tail=None, state=None, state_every=None):
+        """zxbcdt: (n, T, width), this direction's part of in_proj(u). tail: (n, d_conv - 1, conv_dim), the
+        conv inputs just outside the segment (before it; after it when reverse), zeros if None. state: the
+        scan state entering the segment. Returns the gated, normed scan output (n, T, d_inner), the states
+        every state_every positions (or None), and the conv inputs xBC."""
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         # forward: sum_j w_j xBC_{t-3+j}; reverse: sum_j w_j xBC_{t+j}, the next 3 positions (then SiLU)
         xBC_conv = causal_conv(xBC, self.conv_weight[:, 0], self.conv_bias, tail, self.reverse)
         x, B, C = xBC_conv.split([self.d_inner, self.ngroups * self.dstate, self.ngroups * self.dstate], dim=-1)
-        out = selective_scan(x.unflatten(-1, (self.nheads, self.headdim)), F.softplus(dt.float() + self.dt_bias),
-                             -torch.exp(self.A_log.float()), B.unflatten(-1, (self.ngroups, self.dstate)),
-                             C.unflatten(-1, (self.ngroups, self.dstate)), self.D.float(), state,
-                             reverse=self.reverse, state_every=state_every)
+        # dt goes in raw: the scan applies softplus(dt + dt_bias) itself
+        out = selective_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, -torch.exp(self.A_log.float()),
+                             B.unflatten(-1, (self.ngroups, self.dstate)), C.unflatten(-1, (self.ngroups, self.dstate)),
+                             self.D, state, reverse=self.reverse, state_every=state_every, dt_bias=self.dt_bias)
         y, states = out if state_every is not None else (out, None)
-        y = gated_rms_norm(y.flatten(-2), z, self.norm.weight)  # RMSNorm(y * silu(z))
-        return self.out_proj(y), states, xBC
+        return gated_rms_norm(y.flatten(-2), z, self.norm.weight), states, xBC  # RMSNorm(y * silu(z))
 
 
 def to_blocks(u, K):
@@ -159,40 +168,56 @@ def from_blocks(u, batch):
 
 
 class BiMamba(nn.Module):
-    """y = fwd(u) + bwd(u): two directions with their own parameters."""
+    """y = fwd(u) + bwd(u): two directions with their own parameters. They read the same input and their
+    outputs are summed, so one product serves both in_projs, and one both out_projs:
+    W_f y_f + W_b y_b = [W_f W_b] [y_f; y_b]."""
 
     def __init__(self, cfg):
         super().__init__()
         self.fwd, self.bwd = Mamba2(cfg, reverse=False), Mamba2(cfg, reverse=True)
+        # its output rows padded to a multiple of 64, left unused: a row of, say, 1804 (the small preset)
+        # is misaligned for the fast matrix products
+        self.in_proj = nn.Linear(cfg.d_model, -(-2 * self.fwd.width // 64) * 64, bias=False)
+        self.out_proj = nn.Linear(2 * self.fwd.d_inner, cfg.d_model, bias=False)
+        self.out_proj.residual = True
+
+    def project(self, u):
+        """Both directions' in_proj outputs."""
+        return self.in_proj(u)[..., :2 * self.fwd.width].chunk(2, dim=-1)
 
     def forward(self, u):
-        return self.fwd(u)[0] + self.bwd(u)[0]
+        pf, pb = self.project(u)
+        return self.out_proj(torch.cat([self.fwd(pf)[0], self.bwd(pb)[0]], dim=-1))
 
     def forward_blocks(self, un, uc, K):
         batch, L, _ = uc.shape
+        pf, pb = self.project(torch.cat([un, uc]))  # noisy rows, then clean
         # forward direction: the clean stream runs through; noisy block b starts from the clean state and
         # conv window before it
-        yc, states, xBC = self.fwd(uc, state_every=K)
+        yc, states, xBC = self.fwd(pf[batch:], state_every=K)
         w = self.fwd.conv_weight.shape[-1]
         tails = F.pad(xBC, (0, 0, w - 1, 0)).unfold(1, w - 1, K)[:, :L // K].transpose(2, 3)
         starts = torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1)
-        yn = from_blocks(self.fwd(to_blocks(un, K), tails.flatten(0, 1), starts.flatten(0, 1))[0], batch)
+        yn = from_blocks(self.fwd(to_blocks(pf[:batch], K), tails.flatten(0, 1), starts.flatten(0, 1))[0], batch)
         # backward direction: confined to each block, both streams in one call
-        yb = from_blocks(self.bwd(to_blocks(torch.cat([un, uc]), K))[0], 2 * batch)
-        return yn + yb[:batch], yc + yb[batch:]
+        yb = from_blocks(self.bwd(to_blocks(pb, K))[0], 2 * batch)
+        y = self.out_proj(torch.cat([torch.cat([yn, yc]), yb], dim=-1))
+        return y[:batch], y[batch:]
 
-    def step(self, u, entry, commit):
-        """One block of K given the cache entry {tail, state}; commit=True advances the entry."""
-        y, states, xBC = self.fwd(u, entry["tail"], entry["state"], state_every=u.shape[1] if commit else None)
+    def step(self, u, entry, commit, pos):
+        """One block of K given the cache entry {tail, state}; commit=True advances the entry. (pos, the
+        committed length, is for attention layers.)"""
+        pf, pb = self.project(u)
+        y, states, xBC = self.fwd(pf, entry["tail"], entry["state"], state_every=u.shape[1] if commit else None)
         if commit:  # in place: the cache is a fixed set of tensors (a CUDA graph can replay this)
             entry["state"].copy_(states[:, -1])
             window = torch.cat([entry["tail"].to(xBC.dtype), xBC], dim=1)
             entry["tail"].copy_(window[:, window.shape[1] - entry["tail"].shape[1]:])
-        return y + self.bwd(u)[0]
+        return self.out_proj(torch.cat([y, self.bwd(pb)[0]], dim=-1))
 
-    def new_entry(self, batch, device):
+    def new_entry(self, batch, capacity, device, dtype):
         f = self.fwd
-        return dict(tail=torch.zeros(batch, f.conv_weight.shape[-1] - 1, f.conv_dim, device=device),
+        return dict(tail=torch.zeros(batch, f.conv_weight.shape[-1] - 1, f.conv_dim, device=device, dtype=dtype),
                     state=torch.zeros(batch, f.nheads, f.headdim, f.dstate, device=device))
 
 
@@ -243,24 +268,22 @@ class Attention(nn.Module):
         y = self(torch.cat([un, uc], dim=1), pos, bd3_mask(L, K, un.device))
         return y[:, :L], y[:, L:]
 
-    def step(self, u, entry, commit):
-        """One block attending to the committed keys/values and itself; commit=True keeps its keys/values.
-        The buffers grow by doubling, so a block's keys/values are written in place, never concatenated."""
-        n, K = entry["length"], u.shape[1]
-        q, k, v = self.heads(u, torch.arange(n, n + K, device=u.device))
-        if entry["k"] is None or entry["k"].shape[2] < n + K:
-            cap = max(2 * (n + K), 1024)
-            grown = [k.new_empty(*k.shape[:2], cap, k.shape[-1]) for _ in range(2)]
-            if entry["k"] is not None:
-                grown[0][:, :, :n], grown[1][:, :, :n] = entry["k"][:, :, :n], entry["v"][:, :, :n]
-            entry["k"], entry["v"] = grown
-        entry["k"][:, :, n:n + K], entry["v"][:, :, n:n + K] = k, v
-        if commit:
-            entry["length"] = n + K
-        return self.out(F.scaled_dot_product_attention(q, entry["k"][:, :, :n + K], entry["v"][:, :, :n + K]))
+    def step(self, u, entry, commit, pos):
+        """One block attending to the committed keys/values and itself; pos (a 0-d tensor) counts the
+        committed tokens. The block's keys/values are written after them: commit keeps them (pos then
+        moves on), forward_block's are overwritten by the next block's."""
+        K = u.shape[1]
+        positions = pos + torch.arange(K, device=u.device)
+        q, k, v = self.heads(u, positions)
+        entry["k"].index_copy_(2, positions, k.to(entry["k"].dtype))
+        entry["v"].index_copy_(2, positions, v.to(entry["v"].dtype))
+        visible = (torch.arange(entry["k"].shape[2], device=u.device) < pos + K)[None]  # (1, capacity)
+        return self.out(F.scaled_dot_product_attention(q.to(entry["k"].dtype), entry["k"], entry["v"],
+                                                       attn_mask=visible))
 
-    def new_entry(self, batch, device):
-        return dict(k=None, v=None, length=0)
+    def new_entry(self, batch, capacity, device, dtype):
+        shape = (batch, self.n_head, capacity, self.qkv.in_features // self.n_head)
+        return dict(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
 
 
 class Block(nn.Module):
@@ -279,21 +302,31 @@ class Block(nn.Module):
         un, uc = un + yn, uc + yc
         return un + self.mlp(self.norm2(un)), uc + self.mlp(self.norm2(uc))
 
-    def step(self, u, entry, commit):
-        u = u + self.mixer.step(self.norm1(u), entry, commit)
+    def step(self, u, entry, commit, pos):
+        u = u + self.mixer.step(self.norm1(u), entry, commit, pos)
         return u + self.mlp(self.norm2(u))
 
 
 class Cache:
     """What block inference keeps of the committed text: per Mamba layer the forward direction's scan
-    state and conv tail (constant size), per attention layer the keys and values."""
+    state and conv tail (constant size), per attention layer the keys and values, in buffers of room for
+    `capacity` tokens. length counts the committed tokens; pos holds the same count on the device, where
+    the attention layers read it: replayed from a CUDA graph, a call finds it there."""
 
-    def __init__(self, entries, batch_size):
-        self.entries, self.batch_size, self.length = entries, batch_size, 0
+    def __init__(self, entries, batch_size, capacity, device):
+        self.entries, self.batch_size, self.capacity = entries, batch_size, capacity
+        self.length, self.pos = 0, torch.zeros((), dtype=torch.long, device=device)
+
+    def tensors(self):
+        return [self.pos] + [t for e in self.entries for t in e.values()]
+
+    def overwritten(self):
+        """What commit overwrites: pos, and the Mamba layers' states and tails (the attention layers write
+        only past pos, where nothing is read until pos moves there)."""
+        return [self.pos] + [e[k] for e in self.entries for k in ("state", "tail") if k in e]
 
     def nbytes(self):
-        tensors = [t for e in self.entries for t in e.values() if torch.is_tensor(t)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 class DiffuMamba(nn.Module):
@@ -313,66 +346,100 @@ class DiffuMamba(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def for_inference(self, dtype):
+        """The model in eval mode with weights in dtype, but for the scan's per-head parameters (A_log,
+        dt_bias, D): tiny, read by the scan in float32 anyway, and in bfloat16 they would move dt."""
+        self.to(dtype).eval()
+        for name, p in self.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("A_log", "dt_bias", "D"):
+                p.data = p.data.float()
+        return self
+
     def logits(self, u):
         # the output layer shares the embedding; logits over the real vocabulary only. The product runs over
         # the padded rows and is sliced after: an output row of 50257 is misaligned for the fast matmuls
-        # (the 1.3b model's logits took 124 ms at 64K tokens that way, 8x the rest of its matmuls' rate)
         return F.linear(self.norm_f(u), self.embed.weight)[..., :self.cfg.vocab_size]
 
-    def check_tokens(self, name, ids, allow_mask):
+    def check_tokens(self, name, ids, allow_mask, values=True):
+        """ids must be (batch, seqlen) integers; with values, inside the vocabulary (mask id included if
+        allow_mask). The value check reads the tensor on the host, which would stop a GPU's queue and a
+        compiled graph: the callers make it where the ids enter (data.load, the samplers), not per call."""
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
             raise ValueError(f"{name} must be an integer tensor of shape (batch, seqlen), got {ids.dtype} "
                              f"of shape {tuple(ids.shape)}")
-        if ids.is_cuda and torch.cuda.is_current_stream_capturing():
-            return  # no host sync inside a CUDA graph
         hi = self.mask_id if allow_mask else self.mask_id - 1
-        if ids.numel() and (ids.min() < 0 or ids.max() > hi):
+        if values and ids.numel() and (ids.min() < 0 or ids.max() > hi):
             raise ValueError(f"{name} holds token ids outside [0, {hi}] (vocab_size {self.cfg.vocab_size}"
                              f"{', mask id ' + str(self.mask_id) if allow_mask else ''})")
 
-    def forward(self, xt, x0=None):
-        """Logits (batch, seqlen, vocab_size) for the noisy tokens xt; block mode needs the clean x0."""
-        self.check_tokens("xt", xt, allow_mask=True)
+    def forward(self, xt, x0=None, loss_weights=None):
+        """Logits (batch, seqlen, vocab_size) for the noisy tokens xt; block mode needs the clean x0.
+        With loss_weights (batch, seqlen), instead the loss sum(loss_weights * -log p(x0 | xt)), computed
+        without holding the logits whole. (Token values are the caller's to check: see check_tokens.)"""
         K = self.cfg.block_len
+        self.check_tokens("xt", xt, allow_mask=True, values=False)
+        if x0 is not None:
+            self.check_tokens("x0", x0, allow_mask=False, values=False)
+            if x0.shape != xt.shape:
+                raise ValueError(f"x0 must have xt's shape {tuple(xt.shape)}, got {tuple(x0.shape)}")
         if K is None:
-            if x0 is not None:
-                raise ValueError("x0 is for block mode; this model has block_len=None (full-sequence)")
+            if x0 is not None and loss_weights is None:
+                raise ValueError("x0 is for block mode, or the targets of loss_weights; this model has "
+                                 "block_len=None (full-sequence)")
             u = self.embed(xt)
             for block in self.blocks:
                 u = block(u)
+        else:
+            if x0 is None:
+                raise ValueError(f"block mode (block_len={K}) needs the clean sequence: model(xt, x0=x0)")
+            if xt.shape[1] % K:
+                raise ValueError(f"seqlen ({xt.shape[1]}) must be a multiple of block_len ({K})")
+            u, uc = self.embed(xt), self.embed(x0)
+            for block in self.blocks:
+                u, uc = block.forward_blocks(u, uc, K)
+        if loss_weights is None:
             return self.logits(u)
         if x0 is None:
-            raise ValueError(f"block mode (block_len={K}) needs the clean sequence: model(xt, x0=x0)")
-        self.check_tokens("x0", x0, allow_mask=False)
-        if x0.shape != xt.shape:
-            raise ValueError(f"x0 must have xt's shape {tuple(xt.shape)}, got {tuple(x0.shape)}")
-        if xt.shape[1] % K:
-            raise ValueError(f"seqlen ({xt.shape[1]}) must be a multiple of block_len ({K})")
-        un, uc = self.embed(xt), self.embed(x0)
-        for block in self.blocks:
-            un, uc = block.forward_blocks(un, uc, K)
-        return self.logits(un)
+            raise ValueError("loss_weights needs the targets: model(xt, x0=x0, loss_weights=w)")
+        if loss_weights.shape != xt.shape:
+            raise ValueError(f"loss_weights must have xt's shape {tuple(xt.shape)}, got {tuple(loss_weights.shape)}")
+        return linear_cross_entropy(self.norm_f(u).flatten(0, 1), self.embed.weight, x0.flatten(),
+                                    loss_weights.flatten(), self.cfg.vocab_size)
 
-    def new_cache(self, batch_size):
-        if self.cfg.block_len is None:
+    def new_cache(self, batch_size, length=None):
+        """An empty cache with room for `length` tokens, which the attention layers' buffers need (an
+        all-Mamba model's cache has no length). Made under autocast, its buffers take autocast's dtype."""
+        K = self.cfg.block_len
+        if K is None:
             raise ValueError("new_cache needs a block-mode model (ModelConfig.block_len=K)")
+        if length is None and self.cfg.has_attention:
+            raise ValueError("new_cache needs length= for a model with attention layers: their keys and values "
+                             "are kept in buffers sized once")
         device = self.embed.weight.device
-        return Cache([b.mixer.new_entry(batch_size, device) for b in self.blocks], batch_size)
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.embed.weight.dtype
+        capacity = -(-(length or 0) // K) * K
+        return Cache([b.mixer.new_entry(batch_size, capacity, device, dtype) for b in self.blocks], batch_size,
+                     capacity, device)
 
     def _step(self, ids, cache, commit):
         name, method = ("x0_block", "commit") if commit else ("xt_block", "forward_block")
         K = self.cfg.block_len
         if K is None:
             raise ValueError(f"{method} needs a block-mode model (ModelConfig.block_len=K); this one is full-sequence")
-        self.check_tokens(name, ids, allow_mask=not commit)
+        self.check_tokens(name, ids, allow_mask=not commit, values=False)
         if len(cache.entries) != len(self.blocks):
             raise ValueError(f"this cache has {len(cache.entries)} layers, the model {len(self.blocks)}: "
                              "make it with this model's new_cache")
         if tuple(ids.shape) != (cache.batch_size, K):
             raise ValueError(f"{name} must have shape (batch={cache.batch_size}, block_len={K}), got {tuple(ids.shape)}")
+        if cache.length + K > cache.capacity and self.cfg.has_attention:
+            raise ValueError(f"the cache holds {cache.length} tokens and has room for {cache.capacity}: "
+                             "make it with new_cache(batch_size, length) for the whole text")
         u = self.embed(ids)
         for block, entry in zip(self.blocks, cache.entries):
-            u = block.step(u, entry, commit)
+            u = block.step(u, entry, commit, cache.pos)
+        if commit:
+            cache.pos += K  # in place, like the entries
         return u
 
     def forward_block(self, xt_block, cache):
