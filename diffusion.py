@@ -14,13 +14,16 @@ one t per block and weights each block by its own 1 / t.
 Sampling walks t from 1 to 0 in `steps` steps. From t to s, each masked token is revealed with
 probability (t - s) / t (ancestral), or the most confident ones are, as many as that would reveal on
 average (confidence). The model has no time input, so when no token changed its logits are reused.
+Threshold reveal (adaptive parallel decoding) takes no steps: each call reveals every token the model is
+sure enough of, so a block takes as many calls as its confidence needs; with the block cache exact,
+nothing is approximated but the order of reveal.
 """
 
 import contextlib
+import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 EPS = 1e-3
@@ -46,10 +49,9 @@ def noise_levels(x0, block_len, generator, t_lo=EPS, t_hi=1.0):
     return t.repeat_interleave(seqlen // per_row, dim=1)
 
 
-def diffusion_loss(logits, x0, xt, t, mask_id):
-    """The MDLM loss: mean over tokens of (1 / t) * [masked] * -log p(x0 | xt). t is per token."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
-    return (nll * (xt == mask_id) / t).sum() / x0.numel()
+def loss_weights(xt, t, mask_id):
+    """The MDLM loss is sum(loss_weights * -log p(x0 | xt)): mean over tokens of (1 / t) * [masked]."""
+    return (xt == mask_id) / (t * xt.numel())
 
 
 def forward_loss(model, cfg, x0, generator, t_lo=EPS, t_hi=1.0):
@@ -57,8 +59,7 @@ def forward_loss(model, cfg, x0, generator, t_lo=EPS, t_hi=1.0):
     (DDP, torch.compile), so its config comes separately."""
     t = noise_levels(x0, cfg.block_len, generator, t_lo, t_hi)
     xt = mask_tokens(x0, t, cfg.vocab_size, generator)
-    logits = model(xt) if cfg.block_len is None else model(xt, x0=x0)
-    return diffusion_loss(logits, x0, xt, t, cfg.vocab_size)
+    return model(xt, x0=x0, loss_weights=loss_weights(xt, t, cfg.vocab_size))
 
 
 def eval_batch(stream, seq_len, batch_size, n_batches, i, device):
@@ -126,18 +127,22 @@ def pick_tokens(logits, temperature, top_p, generator, rows_at_once=256):
     return torch.cat(tokens), torch.cat(probs)
 
 
-def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator):
-    """Unmask x (batch, n) in place over `steps` steps; logits_fn(x) gives logits (batch, n, vocab).
-    Positions that are not masked at the start are kept. Steps that reveal nothing call no model.
-    Returns the number of model calls.
+REVEALS = ("random", "confidence", "threshold")
 
-    Random reveal is ancestral MDLM: from t to s each masked position is revealed with probability
-    (t - s) / t. Under the linear schedule that makes a position's reveal step uniform over the steps and
-    independent of the tokens drawn, so every step is drawn up front, and the loop needs no host sync: the
-    CPU queues the model calls ahead of the GPU. Confidence reveal draws for every masked position and
-    keeps the k whose drawn token is most probable, k the expected number revealed."""
-    if reveal not in ("random", "confidence"):
-        raise ValueError(f"reveal must be 'random' or 'confidence', got {reveal!r}")
+
+def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator, threshold=0.9):
+    """Unmask x (batch, n) in place; logits_fn(x) gives logits (batch, n, vocab). Positions that are not
+    masked at the start are kept. Returns the number of model calls.
+
+    Random reveal is ancestral MDLM over `steps` steps: from t to s each masked position is revealed with
+    probability (t - s) / t. Under the linear schedule that makes a position's reveal step uniform over
+    the steps and independent of the tokens drawn, so every step is drawn up front, and the loop needs no
+    host sync: the CPU queues the model calls ahead of the GPU. Steps that reveal nothing call no model.
+    Confidence reveal draws for every masked position and keeps the k whose drawn token is most probable,
+    k the expected number revealed. Threshold reveal keeps every drawn token of probability >= threshold,
+    and at least each row's most probable one, until nothing is masked (steps is not used)."""
+    if reveal not in REVEALS:
+        raise ValueError(f"reveal must be one of {REVEALS}, got {reveal!r}")
     masked = x == mask_id
     calls = 0
     if reveal == "random":
@@ -154,7 +159,8 @@ def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator)
         return calls
     ts = torch.linspace(1, 0, steps + 1).tolist()
     logits = None
-    for t, s in zip(ts[:-1], ts[1:]):
+    for i in range(x.shape[1] if reveal == "threshold" else steps):  # threshold: one token a row at least
+        t, s = (1.0, 0.0) if reveal == "threshold" else (ts[i], ts[i + 1])
         rows = masked.nonzero(as_tuple=True)
         if not len(rows[0]):
             break
@@ -164,25 +170,31 @@ def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator)
         tokens, probs = pick_tokens(logits[rows], temperature, top_p, generator)
         score = torch.full(x.shape, -1.0, dtype=torch.float64, device=x.device)
         score[rows] = probs
-        k = torch.round(masked.sum(1) * (t - s) / t).long()  # the last step (s = 0) reveals everything
-        keep = (score.argsort(1, descending=True).argsort(1) < k[:, None])[rows]
-        if not keep.any():
-            continue
+        rank = score.argsort(1, descending=True).argsort(1)[rows]  # 0: the row's most probable draw
+        if reveal == "threshold":
+            keep = (probs >= threshold) | (rank == 0)
+        else:
+            keep = rank < torch.round(masked.sum(1) * (t - s) / t).long()[rows[0]]  # the last step reveals all
+            if not keep.any():
+                continue
         x[rows[0][keep], rows[1][keep]] = tokens[keep]
         masked[rows[0][keep], rows[1][keep]] = False
         logits = None  # the input changed: the next step needs new logits
     return calls
 
 
-def cuda_graph(fn):
+def cuda_graph(fn, undo=None):
     """fn() captured in a CUDA graph. Returns replay(), which reruns it and returns the captured output,
     overwritten by the next replay. fn must read and write the same tensors every time. A replay skips
-    Python and kernel launches: most of the time of a small model call. fn runs 3 times to warm up."""
+    Python and kernel launches: most of the time of a small model call. fn runs 3 times to warm up,
+    each followed by undo() if given (what fn changes; the capture itself runs nothing)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
             fn()
+            if undo:
+                undo()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -202,17 +214,18 @@ def graphed_model(model, x):
 
 
 def graphed_block_calls(model, cache):
-    """forward_block and commit as CUDA-graph replays over a fixed input block. Only for an all-Mamba
-    model, whose cache is a fixed set of tensors updated in place (attention caches grow). The cache
-    is restored after the warm-up commits."""
+    """forward_block and commit as CUDA-graph replays over a fixed input block: a cache is a fixed set of
+    tensors that commit updates in place. The warm-up commits are undone."""
     static = torch.zeros(cache.batch_size, model.cfg.block_len, dtype=torch.long, device=model.embed.weight.device)
-    saved, length = [{k: t.clone() for k, t in e.items()} for e in cache.entries], cache.length
+    length, kept = cache.length, [(t, t.clone()) for t in cache.overwritten()]
+
+    def undo():
+        for t, k in kept:
+            t.copy_(k)
+        cache.length = length
     forward_block = cuda_graph(lambda: model.forward_block(static, cache))
-    commit = cuda_graph(lambda: model.commit(static, cache))
-    for entry, kept in zip(cache.entries, saved):
-        for k, t in kept.items():
-            entry[k].copy_(t)
-    cache.length = length
+    commit = cuda_graph(lambda: model.commit(static, cache), undo)
+    cache.length = length  # the capture ran commit's Python side
 
     def commit_block(ids):
         static.copy_(ids)
@@ -221,70 +234,88 @@ def graphed_block_calls(model, cache):
     return lambda ids: (static.copy_(ids), forward_block())[1], commit_block
 
 
-def _check_sampling(steps, temperature, top_p):
+def _check_sampling(steps, temperature, top_p, threshold):
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+
+
+def _warm(start, device):
+    """Seconds since start, once the GPU has finished what was queued: the sampler's one-off work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
 def sample_full(model, template, steps, temperature=1.0, top_p=1.0, reveal="random", seed=0, autocast=None,
-                graph=True):
+                graph=True, threshold=0.9):
     """Full-sequence MDLM sampling. template (batch, length): mask ids where text is to be generated
     (all of it, or spans to infill), tokens elsewhere, which are kept. On a GPU the model calls are CUDA-
-    graph replays unless graph=False (same tokens). Returns (tokens, model calls)."""
+    graph replays unless graph=False (same tokens). Returns (tokens, stats): stats holds the model calls
+    and warmup_s, the seconds of one-off work (graph capture, the kernels' first compilation) before the
+    first sampling step."""
+    start = time.perf_counter()
     if model.cfg.block_len is not None:
         raise ValueError("sample_full needs a full-sequence model; this one has block_len="
                          f"{model.cfg.block_len}: use sample_block")
-    _check_sampling(steps, temperature, top_p)
+    _check_sampling(steps, temperature, top_p, threshold)
     x = template.clone()
     generator = torch.Generator(device=x.device).manual_seed(seed)
     with autocast or contextlib.nullcontext():
         model.check_tokens("template", x, allow_mask=True)
         logits_fn = graphed_model(model, x) if graph and x.is_cuda else model
-        calls = denoise(x, logits_fn, model.cfg.vocab_size, steps, temperature, top_p, reveal, generator)
-    return x, calls
+        warmup_s = _warm(start, x.device)
+        calls = denoise(x, logits_fn, model.cfg.vocab_size, steps, temperature, top_p, reveal, generator, threshold)
+    return x, dict(calls=calls, warmup_s=warmup_s)
 
 
 @torch.no_grad()
 def sample_block(model, prompt, length, steps_per_block, temperature=1.0, top_p=1.0, reveal="random", seed=0,
-                 stop_token=None, progress=False, autocast=None, graph=True):
+                 stop_token=None, progress=False, autocast=None, graph=True, threshold=0.9):
     """Block diffusion with the cache: commit the prompt's whole blocks, then for each new block start all
     masked (a prompt's last partial block stays fixed inside the first one), denoise it with
-    forward_block, commit it. Stops at `length` tokens, or once every row holds stop_token. On a GPU an
-    all-Mamba model's calls are CUDA-graph replays unless graph=False (same tokens).
-    Returns (tokens (batch, <= length), model calls)."""
+    forward_block, commit it. Stops at `length` tokens, or once every row holds stop_token. On a GPU the
+    calls are CUDA-graph replays unless graph=False (same tokens). Returns (tokens (batch, <= length),
+    stats): stats holds the forward_block calls, the commits and warmup_s, as sample_full's."""
+    start_time = time.perf_counter()
     K = model.cfg.block_len
     if K is None:
         raise ValueError("sample_block needs a block-mode model (block_len=K); this one is full-sequence: "
                          "use sample_full")
-    _check_sampling(steps_per_block, temperature, top_p)
+    _check_sampling(steps_per_block, temperature, top_p, threshold)
     batch, n_prompt = prompt.shape
     if n_prompt > length:
         raise ValueError(f"the prompt ({n_prompt} tokens) is longer than length ({length})")
+    model.check_tokens("prompt", prompt, allow_mask=False)
     mask_id = model.cfg.vocab_size
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
     start = n_prompt // K * K  # the first generated block starts here
     nblocks = -(-(length - start) // K)
     out = torch.full((batch, start + nblocks * K), mask_id, dtype=prompt.dtype, device=prompt.device)
     out[:, :n_prompt] = prompt
-    calls, end = 0, length
-    model.check_tokens("prompt", prompt, allow_mask=False)
+    calls, commits, end = 0, 0, length
     with autocast or contextlib.nullcontext():
-        cache = model.new_cache(batch)
+        cache = model.new_cache(batch, out.shape[1])
         forward_block, commit = lambda ids: model.forward_block(ids, cache), lambda ids: model.commit(ids, cache)
-        if graph and prompt.is_cuda and not any(map(model.cfg.is_attention, range(model.cfg.n_layer))):
+        if graph and prompt.is_cuda:
             forward_block, commit = graphed_block_calls(model, cache)
+        warmup_s = _warm(start_time, prompt.device)
         for b in range(start // K):
             commit(out[:, b * K:(b + 1) * K])
+            commits += 1
         for b in tqdm(range(start // K, start // K + nblocks), desc="blocks", disable=not progress):
             block = out[:, b * K:(b + 1) * K]  # a view: denoised in place
-            calls += denoise(block, forward_block, mask_id, steps_per_block, temperature, top_p, reveal, generator)
+            calls += denoise(block, forward_block, mask_id, steps_per_block, temperature, top_p, reveal, generator,
+                             threshold)
             commit(block)
+            commits += 1
             if stop_token is not None and (out[:, n_prompt:(b + 1) * K] == stop_token).any(1).all():
                 end = min(length, (b + 1) * K)
                 break
-    return out[:, :end], calls
+    return out[:, :end], dict(calls=calls, commits=commits, warmup_s=warmup_s)
