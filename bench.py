@@ -2,10 +2,14 @@
 Benchmarks, each a section chosen by flag; every figure comes with the card and the software it ran on.
 
     python bench.py --kernel        the selective scan alone: forward and forward+backward time, bandwidth,
-                                    TFLOP/s and the fraction of the floor, against mamba_ssm if importable
-    python bench.py --infer         generated tokens/s of the six model variants, sequence lengths 1K-64K,
-                                    and a real 8K generation checked against the per-call figures
-    python bench.py --train         training tokens/s, MFU and peak memory of the three archs
+                                    TFLOP/s and the fraction of the floor, against mamba_ssm and
+                                    flash-linear-attention if importable
+    python bench.py --infer         generated tokens/s of the six model variants, sequence lengths 1K-64K;
+                                    each block step against its floor (reading the weights and the cache
+                                    once), with its kernel count; a real 8K generation of each arch checked
+                                    against the per-call figures
+    python bench.py --train         training tokens/s, MFU, the GPU's idle share and peak memory of the
+                                    three archs, eager and compiled side by side
 
 Without a flag every section runs. --device=cpu --tiny runs tiny sizes (a smoke test, not a benchmark).
 Results: markdown tables on stdout and in out_dir/bench.md, JSON in out_dir/bench.json, a PNG plot.
@@ -22,16 +26,21 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from diffusion import cuda_graph, forward_loss, sample_block, sample_full
-from model import DiffuMamba, preset_config
-from scan_kernel import selective_scan
+from model import ARCHS, DiffuMamba, preset_config
+from scan_kernel import CHUNK, selective_scan
 from train import flops_per_token, peak_flops
 
-try:  # an optional baseline, never a dependency
+try:  # optional baselines, never dependencies
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 except ImportError:
     mamba_chunk_scan_combined = None
+try:
+    from fla.ops.simple_gla import chunk_simple_gla
+except ImportError:
+    chunk_simple_gla = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,9 +122,9 @@ KERNEL_SHAPES = {  # batch, seqlen, nheads; headdim 64, dstate 128, ngroups 1, b
 TINY_KERNEL_SHAPES = {"train": (2, 128, 4), "block step": (2, 16, 4)}
 
 
-def scan_cost(batch, seqlen, nheads, headdim, dstate, block, chunk=64):
+def scan_cost(batch, seqlen, nheads, headdim, dstate, block, chunk=CHUNK):
     """(bytes, FLOPs) of forward and of forward+backward: every input read once, every output written
-    once; FLOPs of the chunked algorithm's matrix products at chunk length 64."""
+    once; FLOPs of the chunked algorithm's matrix products at the kernels' chunk length."""
     L, P, N = chunk, headdim, dstate
     bl, bh = batch * seqlen, batch * seqlen * nheads
     x = bh * P * 2  # bf16
@@ -165,10 +174,26 @@ def bench_kernel(args, device, ceil):
             y, last = out if block else (out, None)
             torch.autograd.backward([y] + ([last] if block else []), [dy] + ([torch.ones_like(last)] if block else []))
 
+        def fla_call():  # the scan as simple GLA: q = C, k = dt B, v = x, log-decay dt A per step, plus D x
+            Ch, Bh = (t.expand(-1, -1, nheads, -1) for t in (C, B))
+            o, last = chunk_simple_gla(Ch, Bh * dt[..., None].to(B.dtype), x, dt * A, scale=1.0, initial_state=s0,
+                                       output_final_state=block, state_v_first=True)
+            return o + D[:, None] * x, last
+
+        def fla_fwd():
+            with torch.no_grad():
+                return fla_call()
+
+        def fla_fwdbwd():
+            y, last = fla_call()
+            torch.autograd.backward([y] + ([last] if block else []), [dy] + ([torch.ones_like(last)] if block else []))
+
         (fb, ff), (bb, bf) = scan_cost(batch, seqlen, nheads, headdim, dstate, block)
         impls = [("ours", ours_fwd, ours_fwdbwd)]
         if mamba_chunk_scan_combined is not None and device.type == "cuda":
-            impls.append(("mamba_ssm 2.3", mamba_fwd, mamba_fwdbwd))
+            impls.append(("mamba_ssm", mamba_fwd, mamba_fwdbwd))
+        if chunk_simple_gla is not None and device.type == "cuda":
+            impls.append(("fla simple_gla", fla_fwd, fla_fwdbwd))
         for impl, fwd, fwdbwd in impls:
             row = dict(shape=name, impl=impl, batch=batch, seqlen=seqlen, nheads=nheads, headdim=headdim, dstate=dstate)
             for part, fn, nbytes, flops in (("fwd", fwd, fb, ff), ("fwdbwd", fwdbwd, bb, bf)):
@@ -216,22 +241,17 @@ def inference_model(preset, arch, device):
     torch.manual_seed(0)
     with torch.device(device):
         model = DiffuMamba(preset_config(preset, arch))
-    return model.bfloat16().eval()  # the same for every variant: bfloat16 weights, no autocast
+    return model.for_inference(torch.bfloat16)  # as sample.py runs a model on a GPU, for every variant alike
 
 
 def filled_cache(model, batch, n):
-    """A cache that holds n committed tokens (random contents: the cost does not depend on them)."""
-    cache = model.new_cache(batch)
-    K = model.cfg.block_len
-    for block, entry in zip(model.blocks, cache.entries):
-        if "length" in entry:  # attention: keys and values of n tokens, room for the block
-            heads, hd = block.mixer.n_head, model.cfg.d_model // block.mixer.n_head
-            entry["k"], entry["v"] = (torch.randn(batch, heads, n + K, hd, device=model.embed.weight.device,
-                                                  dtype=torch.bfloat16) for _ in range(2))
-            entry["length"] = n
-        else:
-            entry["state"].normal_()
-            entry["tail"].normal_()
+    """A cache with room for n + one block, holding n committed tokens (random contents: the cost does
+    not depend on them)."""
+    cache = model.new_cache(batch, n + model.cfg.block_len)
+    for entry in cache.entries:
+        for t in entry.values():
+            t.normal_()
+    cache.pos.fill_(n)
     cache.length = n
     return cache
 
@@ -249,6 +269,20 @@ def time_call(fn, device, graph):
     return median_ms(run, device, warmup=1, reps=reps)
 
 
+def gpu_kernels(fn, device, calls=1):
+    """(kernels, GPU ms) per call of fn, from torch.profiler: the kernels' own time, launch gaps left out."""
+    if device.type != "cuda":
+        return None, None
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(kernels) / calls, sum(e.device_time for e in kernels) / 1e3 / calls
+
+
 def next_call_ms(done, L):
     """A variant's time per call at length L, grown from its last cell at the order (between 1 and 2) of
     its last two cells; quadratic while there is one; 0 before the first."""
@@ -261,10 +295,11 @@ def next_call_ms(done, L):
     return done[-1][1] * (L / done[-1][0]) ** order
 
 
-def measure_call(model, mode, batch, L, K, r, device):
+def measure_call(model, mode, batch, L, K, r, device, copy_GBps):
     """ms per call, eager and CUDA-graphed, and tokens/s at r tokens per call, of one variant at one L.
     Full: one call over L tokens. Block: one forward_block over K tokens given a cache of L - K tokens,
-    and one commit per block."""
+    and one commit per block; also its floor (reading the weights and the cache once at the measured
+    copy rate) and the kernels of a graphed call."""
     vocab = model.cfg.vocab_size
     row = {}
     if mode == "full":
@@ -276,26 +311,28 @@ def measure_call(model, mode, batch, L, K, r, device):
     xb = torch.randint(0, vocab + 1, (batch, K), device=device)
     cache = filled_cache(model, batch, L - K)
 
-    def commit():  # the same block every time: put the lengths back first
-        cache.length = L - K
-        for e in cache.entries:
-            if "length" in e:
-                e["length"] = L - K
+    def commit():  # the same block every time: the length goes back after it
         model.commit(xb.clamp(max=vocab - 1), cache)
+        cache.length = L - K
+        cache.pos.fill_(L - K)
     for tag, graph in (("eager", False), ("graph", True)):
         row[tag] = time_call(lambda: model.forward_block(xb, cache), device, graph)
         row[tag + "_commit"] = time_call(commit, device, graph)
     row["tok_s"], row["tok_s_eager"] = (batch * K / (((K / r) * row[tag] + row[tag + "_commit"]) / 1e3)
                                         for tag in ("graph", "eager"))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    row["floor"] = (weights + cache.nbytes()) / (copy_GBps * 1e6)
+    if device.type == "cuda":
+        row["kernels"], row["gpu_ms"] = gpu_kernels(cuda_graph(lambda: model.forward_block(xb, cache)), device, 5)
     return row
 
 
-def bench_inference(args, device):
+def bench_inference(args, device, copy_GBps):
     """measure_call for every variant, batch and length; a cell whose call would take longer than
     max_call_s is skipped, and so is one that does not fit in memory."""
     K, r = args.block_len, args.reveal
     rows = []
-    for arch in ("transformer", "mamba", "hybrid"):
+    for arch in args.archs:
         model = inference_model(args.preset, arch, device)
         base_cfg = model.cfg
         for mode in ("full", "block"):
@@ -310,7 +347,7 @@ def bench_inference(args, device):
                     else:
                         try:
                             with torch.no_grad():
-                                row.update(measure_call(model, mode, batch, L, K, r, device))
+                                row.update(measure_call(model, mode, batch, L, K, r, device, copy_GBps))
                             done.append((L, row["graph"]))
                         except torch.cuda.OutOfMemoryError:
                             row["skipped"] = "out of memory"
@@ -326,39 +363,65 @@ def bench_inference(args, device):
     return rows
 
 
+def timed_sampling(sampler, device):
+    """(tokens, stats, ms): a sampler run, its wall time without the warm-up it reports."""
+    sync(device)
+    t0 = time.perf_counter()
+    tokens, stats = sampler()
+    sync(device)
+    return tokens, stats, (time.perf_counter() - t0 - stats["warmup_s"]) * 1e3
+
+
 def end_to_end(args, device, rows):
-    """Generate L tokens for real with DiffuMamba, block by block and full-sequence (fewer steps), as
-    sample.py does (CUDA graphs on a GPU); compare the wall time with what the per-call times predict."""
+    """Generate e2e_len tokens for real with each arch, block by block and full-sequence (fewer steps), as
+    sample.py does (CUDA graphs on a GPU); compare the sampling time (warm-up apart) with what the
+    per-call times predict."""
     L, K = args.e2e_len, args.block_len
-    model = inference_model(args.preset, "mamba", device)
-    base_cfg = model.cfg
-    per = {(r["mode"], r["batch"], r["L"]): r for r in rows if r["arch"] == "mamba" and "graph" in r}
+    per = {(r["arch"], r["mode"], r["batch"], r["L"]): r for r in rows if "graph" in r}
     out = []
-    for mode, steps in (("block", args.e2e_steps_per_block), ("full", args.e2e_steps)):
-        model.cfg = dataclasses.replace(base_cfg, block_len=None if mode == "full" else K)
-        ref = per.get((mode, 1, L))
-        if ref is None:
-            continue
-        prompt = torch.zeros(1, 0, dtype=torch.long, device=device)
-        template = torch.full((1, L), base_cfg.vocab_size, device=device)
-        # warm-up: a short run of the same shapes (two blocks; two full-sequence steps)
-        sample_block(model, prompt, 2 * K, steps, seed=0) if mode == "block" else sample_full(model, template, 2, seed=0)
-        sync(device)
-        t0 = time.perf_counter()
-        if mode == "block":
-            tokens, calls = sample_block(model, prompt, L, steps, seed=0)
-            commits = L // K
-            predicted = calls * ref["graph"] + commits * ref["graph_commit"]
+    for arch in args.archs:
+        model = inference_model(args.preset, arch, device)
+        base_cfg = model.cfg
+        for mode, steps in (("block", args.e2e_steps_per_block), ("full", args.e2e_steps)):
+            ref = per.get((arch, mode, 1, L))
+            if ref is None:
+                continue
+            model.cfg = dataclasses.replace(base_cfg, block_len=None if mode == "full" else K)
+            if mode == "block":
+                prompt = torch.zeros(1, 0, dtype=torch.long, device=device)
+                _, stats, ms = timed_sampling(lambda: sample_block(model, prompt, L, steps, seed=0), device)
+                predicted = stats["calls"] * ref["graph"] + stats["commits"] * ref["graph_commit"]
+            else:
+                template = torch.full((1, L), base_cfg.vocab_size, device=device)
+                _, stats, ms = timed_sampling(lambda: sample_full(model, template, steps, seed=0), device)
+                predicted = stats["calls"] * ref["graph"]
+            out.append(dict(arch=arch, mode=mode, L=L, steps=steps, calls=stats["calls"], commits=stats.get("commits", 0),
+                            wall_ms=ms, warmup_ms=stats["warmup_s"] * 1e3, predicted_ms=predicted, error=ms / predicted - 1))
+            print(f"end to end {arch}-{mode} L={L}: {stats['calls']} calls, {ms / 1e3:.2f} s measured (warm-up "
+                  f"{stats['warmup_s']:.2f} s apart), {predicted / 1e3:.2f} s predicted ({ms / predicted - 1:+.1%})",
+                  flush=True)
+        model = None
+    return out
+
+
+def decoding(args, device):
+    """A trained checkpoint's sampler under each reveal rule: tokens per model call and tokens/s (sampling
+    time, warm-up apart), args.e2e_len tokens at batch 1."""
+    import sample
+    model = sample.load_model(args.ckpt, device)[0]
+    K, out = model.cfg.block_len, []
+    for reveal in ("random", "threshold"):
+        if K is None:
+            template = torch.full((1, args.e2e_len), model.cfg.vocab_size, device=device)
+            run = lambda: sample_full(model, template, args.e2e_len, reveal=reveal, seed=0, top_p=0.95)
         else:
-            tokens, calls = sample_full(model, template, steps, seed=0)
-            commits = 0
-            predicted = calls * ref["graph"]
-        sync(device)
-        wall = (time.perf_counter() - t0) * 1e3
-        out.append(dict(mode=mode, L=L, steps=steps, calls=calls, commits=commits, wall_ms=wall,
-                        predicted_ms=predicted, error=wall / predicted - 1))
-        print(f"end to end mamba-{mode} L={L}: {calls} calls + {commits} commits, {wall / 1e3:.2f} s measured, "
-              f"{predicted / 1e3:.2f} s predicted ({wall / predicted - 1:+.1%})", flush=True)
+            prompt = torch.zeros(1, 0, dtype=torch.long, device=device)
+            run = lambda: sample_block(model, prompt, args.e2e_len, K, reveal=reveal, seed=0, top_p=0.95)
+        tokens, stats, ms = timed_sampling(run, device)
+        n = tokens.shape[1]
+        out.append(dict(reveal=reveal, tokens=n, calls=stats["calls"], tokens_per_call=n / stats["calls"],
+                        tok_s=n / ms * 1e3))
+        print(f"{args.ckpt} {reveal}: {n} tokens in {stats['calls']} calls, {n / ms * 1e3:,.0f} tokens/s", flush=True)
     return out
 
 
@@ -388,6 +451,31 @@ def inference_tables(rows, args):
                     a, b = cell.get((v, L), {}), cell.get((base, L), {})
                     vals.append(f"{a['tok_s'] / b['tok_s']:.1f}x" if "tok_s" in a and "tok_s" in b else "-")
                 lines.append(f"| {v} | " + " | ".join(vals) + " |")
+    lines += ["\n### one block step (forward_block, CUDA graph) against its floor: the weights and the cache read "
+              "once at the measured copy rate\n",
+              "| variant | batch | L | ms per call | floor ms | of floor | kernels per call | their GPU ms |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["mode"] == "block" and "floor" in r and r["L"] in (args.lengths[0], args.lengths[-1]):
+            kernels = "- | -" if r.get("kernels") is None else f"{r['kernels']:.0f} | {r['gpu_ms']:.3f}"
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['L']} | {r['graph']:.3f} | {r['floor']:.3f} | "
+                         f"{r['floor'] / r['graph']:.0%} | {kernels} |")
+    return "\n".join(lines)
+
+
+def sampling_tables(e2e, dec):
+    lines = []
+    if e2e:
+        lines += ["\n| end to end (as sample.py runs it) | model calls | commits | measured s | warm-up s | predicted s "
+                  "| error |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {e['arch']}-{e['mode']}, L={e['L']}, {e['steps']} steps{' per block' if e['mode'] == 'block' else ''} "
+                  f"| {e['calls']} | {e['commits']} | {e['wall_ms'] / 1e3:.2f} | {e['warmup_ms'] / 1e3:.2f} | "
+                  f"{e['predicted_ms'] / 1e3:.2f} | {e['error']:+.1%} |" for e in e2e]
+    if dec:
+        lines += ["\n| trained checkpoint, reveal | tokens | model calls | tokens per call | tokens/s |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {d['reveal']} | {d['tokens']} | {d['calls']} | {d['tokens_per_call']:.2f} | {d['tok_s']:,.0f} |"
+                  for d in dec]
     return "\n".join(lines)
 
 
@@ -417,71 +505,91 @@ def plot(rows, args, info, path):
 # training: tokens/s of forward + backward + optimizer step
 
 
-def bench_training(args, device, info):
-    rows = []
+def time_training(preset, arch, batch, L, device, mode):
+    """One arch's training step (forward, backward, AdamW) at batch x L, eager or torch.compile'd in mode:
+    ms per step, tokens/s, MFU, peak memory, and the GPU's idle share of a step (1 - its kernels' time
+    over the step's wall time: the share spent waiting for the host)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DiffuMamba(preset_config(preset, arch))
+    compiled = model if mode == "off" else torch.compile(model, mode=mode)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x0 = torch.randint(0, model.cfg.vocab_size, (batch, L), device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def step():
+        with autocast:
+            loss = forward_loss(compiled, model.cfg, x0, g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = median_ms(step, device, warmup=3, reps=10)
     peak = peak_flops(device)
-    for arch in ("transformer", "mamba", "hybrid"):
+    row = dict(ms=ms, tok_s=batch * L / (ms / 1e3))
+    row["mfu"] = flops_per_token(model, model.cfg, L) * row["tok_s"] / peak if peak else None
+    if device.type == "cuda":
+        row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["kernels"], gpu_ms = gpu_kernels(step, device, calls=3)
+        row["gpu_idle"] = max(0.0, 1 - gpu_ms / ms)
+    return row
+
+
+def bench_training(args, device):
+    rows = []
+    for arch in args.archs:
         for L in args.train_lengths:
             batch = max(1, args.train_tokens // L)
             row = dict(arch=arch, L=L, batch=batch)
-            try:
-                torch.manual_seed(0)
-                with torch.device(device):
-                    model = DiffuMamba(preset_config(args.preset, arch))
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-                x0 = torch.randint(0, model.cfg.vocab_size, (batch, L), device=device)
-                g = torch.Generator(device=device).manual_seed(0)
-                autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-                def step():
-                    with autocast:
-                        loss = forward_loss(model, model.cfg, x0, g)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                ms = median_ms(step, device, warmup=2, reps=5)
-                row.update(ms=ms, tok_s=batch * L / (ms / 1e3))
-                row["mfu"] = flops_per_token(model, model.cfg, L) * row["tok_s"] / peak if peak else None
-                if device.type == "cuda":
-                    row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-                model = opt = None  # frees them before the next model
-            except torch.cuda.OutOfMemoryError:
-                row["skipped"] = "out of memory"
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            for mode in ["off"] + args.compile_modes:
+                try:
+                    row[mode] = time_training(args.preset, arch, batch, L, device, mode)
+                except torch.cuda.OutOfMemoryError:
+                    row[mode] = dict(skipped="out of memory")
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+                print(f"train {arch:12s} L {L:6d} batch {batch:3d} compile {mode}: " + (row[mode].get("skipped") or
+                      f"{row[mode]['tok_s']:10,.0f} tok/s, {row[mode]['ms']:.1f} ms/step"), flush=True)
             rows.append(row)
-            print(f"train {arch:12s} L {L:6d} batch {batch:3d}: " + (row.get("skipped") or
-                  f"{row['tok_s']:10,.0f} tok/s, {row['ms']:.1f} ms/step"), flush=True)
     return rows
 
 
 def training_table(rows, args):
+    modes = ["off"] + args.compile_modes
     lines = [f"\n### training, {args.preset} preset, {args.train_tokens} tokens per batch, bfloat16 autocast, AdamW\n",
-             "| arch | seqlen | batch | tokens/s | ms/step | MFU | peak memory |", "|---|---|---|---|---|---|---|"]
+             "| arch | seqlen | batch | compile | tokens/s | x transformer | ms/step | MFU | GPU idle | kernels/step | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["L"], m): r[m].get("tok_s") for r in rows if r["arch"] == "transformer" for m in modes}
     for r in rows:
-        if "skipped" in r:
-            lines.append(f"| {r['arch']} | {r['L']} | {r['batch']} | {r['skipped']} | | | |")
-        else:
-            mfu = f"{r['mfu']:.0%}" if r.get("mfu") else "n/a"
-            mem = f"{r['peak_GiB']:.1f} GiB" if "peak_GiB" in r else "n/a"
-            lines.append(f"| {r['arch']} | {r['L']} | {r['batch']} | {r['tok_s']:,.0f} | {r['ms']:.1f} | {mfu} | {mem} |")
+        for m in modes:
+            c = r[m]
+            if "skipped" in c:
+                lines.append(f"| {r['arch']} | {r['L']} | {r['batch']} | {m} | {c['skipped']} | | | | | | |")
+                continue
+            ratio = f"{c['tok_s'] / base[r['L'], m]:.2f}x" if base.get((r["L"], m)) else "-"
+            opt = lambda k, fmt: fmt.format(c[k]) if c.get(k) is not None else "n/a"
+            lines.append(f"| {r['arch']} | {r['L']} | {r['batch']} | {m} | {c['tok_s']:,.0f} | {ratio} | {c['ms']:.1f} | "
+                         f"{opt('mfu', '{:.0%}')} | {opt('gpu_idle', '{:.0%}')} | {opt('kernels', '{:.0f}')} | "
+                         f"{opt('peak_GiB', '{:.1f} GiB')} |")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernel", action="store_true", help="the selective scan alone (train, wide, long and "
                    "block-step shapes): forward (also in a CUDA graph) and forward+backward ms, GB/s, TFLOP/s, "
                    "fraction of the floor")
     p.add_argument("--infer", action="store_true", help="generated tokens/s of the six variants over --lengths, "
-                   "then a real generation of --e2e_len tokens checked against the per-call figures "
-                   "(at batch 1: when --batches holds 1)")
-    p.add_argument("--train", action="store_true", help="training tokens/s, MFU and peak memory of the three archs")
+                   "the block steps against their floor, then a real generation of --e2e_len tokens by each arch "
+                   "checked against the per-call figures (at batch 1: when --batches holds 1)")
+    p.add_argument("--train", action="store_true", help="training tokens/s, MFU, GPU idle share and peak memory "
+                   "of the three archs, eager and compiled")
     p.add_argument("--preset", default="1.3b", help="model size for --infer and --train (random weights)")
+    p.add_argument("--archs", default=",".join(ARCHS), help="the archs to time, comma-separated")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--block_len", type=int, default=64)
@@ -490,8 +598,12 @@ def main():
     p.add_argument("--e2e_len", type=int, default=8192)
     p.add_argument("--e2e_steps_per_block", type=int, default=8)
     p.add_argument("--e2e_steps", type=int, default=64)
+    p.add_argument("--ckpt", default=None, help="--infer: also sample e2e_len tokens from this trained checkpoint "
+                   "with random and threshold reveal (tokens per call, tokens/s)")
     p.add_argument("--train_lengths", default="2048,8192,32768")
     p.add_argument("--train_tokens", type=int, default=32768, help="tokens per training batch")
+    p.add_argument("--compile_modes", default=None, help="torch.compile modes timed beside eager, comma-separated "
+                   "(default: 'default' on a GPU, none on a CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke test of the bench itself")
     p.add_argument("--out_dir", default="bench_out", help="where the JSON and PNG files go")
@@ -499,10 +611,21 @@ def main():
     args.lengths = [int(v) for v in args.lengths.split(",")]
     args.batches = [int(v) for v in args.batches.split(",")]
     args.train_lengths = [int(v) for v in args.train_lengths.split(",")]
+    args.archs = args.archs.split(",")
+    if not set(args.archs) <= set(ARCHS):
+        p.error(f"--archs: each must be one of {', '.join(ARCHS)}, got {','.join(args.archs)}")
+    if args.compile_modes is None:
+        args.compile_modes = "default" if args.device.startswith("cuda") else ""
+    args.compile_modes = [m for m in args.compile_modes.split(",") if m]
     if args.tiny:
         args.preset, args.lengths, args.batches, args.block_len = "tiny", [64, 128], [1], 16
         args.e2e_len, args.e2e_steps, args.e2e_steps_per_block = 128, 8, 4
         args.train_lengths, args.train_tokens = [64, 128], 256
+    return args
+
+
+def main():
+    args = parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -511,27 +634,24 @@ def main():
     ceil = ceilings(device)
     print(f"# {info['card']}  torch {info['torch']}  triton {info.get('triton')}  "
           f"copy {ceil['copy_GBps']:.0f} GB/s  bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
-    results = dict(machine=info, ceilings=ceil, args={k: v for k, v in vars(args).items()})
+    results = dict(machine=info, ceilings=ceil, args=vars(args))
     every = not (args.kernel or args.infer or args.train)
-    report = [f"card: {info['card']}; torch {info['torch']}, triton {info.get('triton')}, python {info['python']}"]
+    report = [f"card: {info['card']}; torch {info['torch']}, triton {info.get('triton')}, python {info['python']}; "
+              f"copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s"]
     if args.kernel or every:
         results["kernel"] = bench_kernel(args, device, ceil)
         report += ["\n### selective scan, bfloat16, headdim 64, dstate 128\n", kernel_table(results["kernel"])]
     if args.infer or every:
-        results["inference"] = bench_inference(args, device)
+        results["inference"] = bench_inference(args, device, ceil["copy_GBps"])
         results["end_to_end"] = end_to_end(args, device, results["inference"])
-        report.append(inference_tables(results["inference"], args))
-        if results["end_to_end"]:  # it needs the batch-1 figures at e2e_len
-            report.append("\n| end to end (DiffuMamba, as sample.py runs it) | model calls | commits | measured s | predicted s | error |\n"
-                          "|---|---|---|---|---|---|\n" + "\n".join(
-                              f"| {e['mode']}, L={e['L']}, {e['steps']} steps{' per block' if e['mode'] == 'block' else ''} "
-                              f"| {e['calls']} | {e['commits']} | {e['wall_ms'] / 1e3:.2f} | {e['predicted_ms'] / 1e3:.2f} "
-                              f"| {e['error']:+.1%} |" for e in results["end_to_end"]))
+        results["decoding"] = decoding(args, device) if args.ckpt else []
+        report += [inference_tables(results["inference"], args),
+                   sampling_tables(results["end_to_end"], results["decoding"])]
         png = plot(results["inference"], args, info, os.path.join(args.out_dir, "inference.png"))
         if png:
             report.append(f"\nplot: {png}")
     if args.train or every:
-        results["training"] = bench_training(args, device, info)
+        results["training"] = bench_training(args, device)
         report.append(training_table(results["training"], args))
     print("\n" + "\n".join(report))
     with open(os.path.join(args.out_dir, "bench.md"), "w") as f:

@@ -36,6 +36,12 @@ from model import ARCHS, PRESETS, DiffuMamba, ModelConfig, preset_config
 # values unless given; every other flag must match the run's.
 ENVIRONMENT = {"device", "dtype", "compile", "out_dir", "resume", "data"}
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval"}
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# the main job's size and budget on each kind of device (a flag overrides each)
+DEVICE_DEFAULTS = {
+    "cuda": dict(preset="small", seq_len=512, batch_size=32, max_iters=2000),
+    "cpu": dict(preset="tiny", seq_len=128, batch_size=8, max_iters=150),
+}
 
 
 def parse_args(argv):
@@ -52,22 +58,24 @@ def parse_args(argv):
     p.add_argument("--seq_len", type=int, default=None, help="default: 512 on a GPU, 128 on a CPU")
     p.add_argument("--batch_size", type=int, default=None, help="sequences per micro-step (default: 32 GPU, 8 CPU)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per iteration, over all processes")
-    p.add_argument("--max_iters", type=int, default=None, help="default: 600 on a GPU, 150 on a CPU")
+    p.add_argument("--max_iters", type=int, default=None, help="default: 2000 on a GPU, 150 on a CPU")
     p.add_argument("--lr_decay_iters", type=int, default=None, help="length of the cosine schedule (default: max_iters)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min_lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (the small preset's DiffuMamba is "
+                   "best near 2e-3, its Transformer near 1e-3)")
+    p.add_argument("--min_lr", type=float, default=None, help="default: lr / 10")
     p.add_argument("--warmup_iters", type=int, default=100)
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0)
-    p.add_argument("--t_lo", type=float, default=EPS, help="block diffusion: lowest training noise level")
-    p.add_argument("--t_hi", type=float, default=1.0, help="block diffusion: highest training noise level")
-    p.add_argument("--eval_interval", type=int, default=None, help="default: max_iters // 10")
+    p.add_argument("--t_lo", type=float, default=EPS, help="lowest training noise level (per sequence; per "
+                   "block in block diffusion)")
+    p.add_argument("--t_hi", type=float, default=1.0, help="highest training noise level")
+    p.add_argument("--eval_interval", type=int, default=None, help="default: max_iters // 5")
     p.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
     p.add_argument("--log_interval", type=int, default=10)
     p.add_argument("--device", default="auto", help="auto: cuda if present, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype; auto: bfloat16 on a GPU, float32 on a CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", default="off", choices=COMPILE_MODES, help="torch.compile the model, in this mode")
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
@@ -75,16 +83,15 @@ def parse_args(argv):
     return p, args
 
 
-def resolve(args, gpu):
-    """Fill the device-dependent defaults."""
-    defaults = dict(preset="small" if gpu else "tiny", seq_len=512 if gpu else 128, batch_size=32 if gpu else 8,
-                    max_iters=600 if gpu else 150)
-    for k, v in defaults.items():
+def resolve(args, device_type):
+    """Fill the device-dependent defaults and check the numbers."""
+    for k, v in DEVICE_DEFAULTS[device_type].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
-    args.eval_interval = args.eval_interval or max(1, args.max_iters // 10)
-    args.dtype = ("bfloat16" if gpu else "float32") if args.dtype == "auto" else args.dtype
+    args.eval_interval = args.eval_interval or max(1, args.max_iters // 5)
+    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    args.dtype = ("bfloat16" if device_type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
     for name in ("seq_len", "batch_size", "grad_accum", "max_iters", "eval_iters", "lr_decay_iters"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -162,181 +169,207 @@ def peak_flops(device):
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser, args = parse_args(argv)
-    ddp = "RANK" in os.environ
-    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) if ddp else (0, 1, 0)
-    master = rank == 0
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" and ddp else args.device)
-    if device.type == "cuda":
-        if ddp:
-            torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+class Run:
+    """Where the run happens: its processes, its device, its checkpoint, its log."""
 
-    stop = []  # set by Ctrl-C / SIGTERM; the loop saves a checkpoint and leaves
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(True))
+    def __init__(self, args):
+        self.ddp = "RANK" in os.environ
+        self.rank, self.world, local_rank = ((int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+                                             if self.ddp else (0, 1, 0))
+        self.master = self.rank == 0
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" and self.ddp else args.device)
+        if self.device.type == "cuda":
+            if self.ddp:
+                torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.ddp:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+        self.log_path = os.path.join(args.out_dir, "log.jsonl")
 
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    try:
-        ckpt = None
-        if args.resume:
-            ckpt = load_checkpoint(ckpt_path)
-            saved = ckpt["train_config"]
-            clash = sorted(k for k in args.given - RESUMABLE - ENVIRONMENT if k in saved and getattr(args, k) != saved[k])
-            if clash:
-                raise ValueError(f"--resume continues the run in {args.out_dir}; these flags differ from it: "
-                                 + ", ".join(f"--{k}={getattr(args, k)} (run: {saved[k]})" for k in clash))
-            for k, v in saved.items():
-                if k not in ENVIRONMENT and not (k in RESUMABLE and k in args.given):
-                    setattr(args, k, v)
-        resolve(args, device.type == "cuda")
-        if args.grad_accum % world:
-            raise ValueError(f"--grad_accum ({args.grad_accum}) must be a multiple of the number of processes ({world})")
-        cfg = ModelConfig(**ckpt["model_config"]) if ckpt else model_config(args)
-        if ddp and not master:
-            dist.barrier()  # rank 0 builds the token cache; the others then find it
-        data_dir = data.prepare(args.data)
-        if ddp and master:
-            dist.barrier()
-        train_stream, val_stream = data.load(data_dir, args.seq_len)
-        torch.manual_seed(args.seed)
-        model = DiffuMamba(cfg).to(device)
-        if ckpt:
-            try:
-                model.load_state_dict(ckpt["model"])
-            except RuntimeError as e:
-                raise ValueError(f"checkpoint {ckpt_path} does not fit its own model config: {e}") from e
-    except ValueError as e:
-        parser.error(str(e))
-
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "conv" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "conv" not in n)]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                                  lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    start_iter, best_val = 0, float("inf")
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_iter, best_val = ckpt["iter"], ckpt["best_val"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        del ckpt
-    raw = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext())
-    micro = args.grad_accum // world  # this process's micro-steps per iteration
-    tokens_per_iter = args.batch_size * args.grad_accum * args.seq_len
-    fpt, peak = flops_per_token(raw, cfg, args.seq_len), peak_flops(device)
-    os.makedirs(args.out_dir, exist_ok=True)
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-
-    def log(**row):
-        if master:
-            with open(log_path, "a") as f:
+    def log(self, **row):
+        if self.master:
+            with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def evaluate():
-        model.eval()
-        total, count = evaluate_nelbo(raw, val_stream, args.seq_len, args.batch_size, args.eval_iters, args.seed + 1,
-                                      rank, world, autocast)
-        if ddp:
-            t = torch.tensor([total, count], dtype=torch.float64, device=device)
-            dist.all_reduce(t)
-            total, count = t.tolist()
-        model.train()
-        return total / count
+    def all_reduce(self, values, op=None):
+        """Sum (or op) a list of floats over the processes."""
+        if not self.ddp:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t.tolist()
 
-    def leave():  # every process waits for rank 0's last writes, then the group closes together
-        if ddp:
+    def leave(self):  # every process waits for rank 0's last writes, then the group closes together
+        if self.ddp:
             dist.barrier()
             dist.destroy_process_group()
 
-    def checkpoint(it):
-        if master:
-            rng = dict(torch=torch.get_rng_state())
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            save_checkpoint(ckpt_path, dict(model=raw.state_dict(), optimizer=optimizer.state_dict(),
-                                            model_config=asdict(cfg), train_config={k: v for k, v in vars(args).items() if k != "given"},
-                                            iter=it, best_val=best_val, rng=rng, data_position=it))
 
-    if master:
+def setup(run, args):
+    """Resume's settings, the defaults, the data and the model (loaded from the checkpoint on resume).
+    Returns (cfg, model, checkpoint or None, train and val streams); a ValueError says what is wrong."""
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(run.ckpt_path)
+        saved = ckpt["train_config"]
+        clash = sorted(k for k in args.given - RESUMABLE - ENVIRONMENT if k in saved and getattr(args, k) != saved[k])
+        if clash:
+            raise ValueError(f"--resume continues the run in {args.out_dir}; these flags differ from it: "
+                             + ", ".join(f"--{k}={getattr(args, k)} (run: {saved[k]})" for k in clash))
+        for k, v in saved.items():
+            if k not in ENVIRONMENT and not (k in RESUMABLE and k in args.given):
+                setattr(args, k, v)
+    resolve(args, run.device.type)
+    if args.grad_accum % run.world:
+        raise ValueError(f"--grad_accum ({args.grad_accum}) must be a multiple of the number of processes ({run.world})")
+    cfg = ModelConfig(**ckpt["model_config"]) if ckpt else model_config(args)
+    if run.ddp and not run.master:
+        dist.barrier()  # rank 0 builds the token cache; the others then find it
+    data_dir = data.prepare(args.data, args.seq_len)
+    if run.ddp and run.master:
+        dist.barrier()
+    streams = data.load(data_dir, args.seq_len)
+    torch.manual_seed(args.seed)
+    model = DiffuMamba(cfg).to(run.device)
+    if ckpt:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {run.ckpt_path} does not fit its own model config: {e}") from e
+    return cfg, model, ckpt, streams
+
+
+def make_optimizer(model, args, device):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "conv" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "conv" not in n)]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def restore(ckpt, optimizer, device):
+    """Optimizer and RNG state from the checkpoint; returns (start iteration, best val NELBO)."""
+    if ckpt is None:
+        return 0, float("inf")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return ckpt["iter"], ckpt["best_val"]
+
+
+def train_step(run, model, raw, cfg, optimizer, train_stream, args, it, autocast):
+    """One iteration: this process's micro-steps, gradient clipping, the optimizer step. Returns the loss
+    (a device tensor: reading it would stop the host)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(it, args)
+    micro = args.grad_accum // run.world  # this process's micro-steps
+    loss_sum = torch.zeros((), device=run.device)
+    for j in range(micro):
+        seed = batch_seed(args.seed, it, run.rank * micro + j)  # this micro-step's place in the global batch
+        x0 = get_batch(train_stream, args.seq_len, args.batch_size, seed, run.device)
+        g = torch.Generator(device=run.device).manual_seed(seed)
+        sync = nullcontext() if not run.ddp or j == micro - 1 else model.no_sync()
+        with sync, autocast:
+            loss = forward_loss(model, cfg, x0, g, args.t_lo, args.t_hi) / micro
+        loss.backward()
+        loss_sum += loss.detach()
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def evaluate(run, raw, val_stream, args, autocast):
+    """Validation NELBO per token, over every process's share of the batches."""
+    raw.eval()
+    total, count = evaluate_nelbo(raw, val_stream, args.seq_len, args.batch_size, args.eval_iters, args.seed + 1,
+                                  run.rank, run.world, autocast)
+    raw.train()
+    total, count = run.all_reduce([total, count])
+    return total / count
+
+
+def checkpoint(run, raw, cfg, optimizer, args, it, best_val):
+    if run.master:
+        rng = dict(torch=torch.get_rng_state())
+        if run.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(run.device)
+        save_checkpoint(run.ckpt_path, dict(model=raw.state_dict(), optimizer=optimizer.state_dict(),
+                                            model_config=asdict(cfg), iter=it, best_val=best_val, rng=rng,
+                                            train_config={k: v for k, v in vars(args).items() if k != "given"}))
+
+
+def main(argv=None):
+    parser, args = parse_args(sys.argv[1:] if argv is None else argv)
+    run = Run(args)
+    stop = []  # set by Ctrl-C / SIGTERM; the loop saves a checkpoint and leaves
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True))
+    try:
+        cfg, raw, ckpt, (train_stream, val_stream) = setup(run, args)
+    except ValueError as e:
+        parser.error(str(e))
+    optimizer = make_optimizer(raw, args, run.device)
+    start_iter, best_val = restore(ckpt, optimizer, run.device)
+    del ckpt
+    model = raw if args.compile == "off" else torch.compile(raw, mode=args.compile)
+    if run.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda" else None)
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
+    tokens_per_iter = args.batch_size * args.grad_accum * args.seq_len
+    fpt, peak = flops_per_token(raw, cfg, args.seq_len), peak_flops(run.device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    if run.master:
         print(f"{cfg.arch} {args.preset}: {raw.num_params() / 1e6:.1f}M parameters, block_len={cfg.block_len}, "
-              f"{len(train_stream) / 1e6:.2f}M train tokens, {tokens_per_iter} tokens/iter on {world} x {device.type}"
-              + (f", resuming at iter {start_iter}" if start_iter else ""), flush=True)
-    model.train()
-    bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, disable=not master,
+              f"{len(train_stream) / 1e6:.2f}M train tokens, {len(val_stream) / 1e6:.3f}M val, {tokens_per_iter} "
+              f"tokens/iter on {run.world} x {run.device.type}" + (f", resuming at iter {start_iter}" if start_iter else ""),
+              flush=True)
+    raw.train()
+    bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, disable=not run.master,
                dynamic_ncols=True)
     t0, val = time.time(), None
     for it in bar:
-        lr = lr_at(it, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for j in range(micro):
-            k = rank * micro + j  # this micro-step's place in the global batch
-            seed = batch_seed(args.seed, it, k)
-            x0 = get_batch(train_stream, args.seq_len, args.batch_size, seed, device)
-            g = torch.Generator(device=device).manual_seed(seed)
-            sync = nullcontext() if not ddp or j == micro - 1 else model.no_sync()
-            with sync, autocast:
-                loss = forward_loss(model, cfg, x0, g, args.t_lo, args.t_hi) / micro
-            loss.backward()
-            loss_sum += loss.detach()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+        loss = train_step(run, model, raw, cfg, optimizer, train_stream, args, it, autocast)
         done = it + 1
         if done % args.log_interval == 0 or done == args.max_iters:
             dt = time.time() - t0
             tok_s = tokens_per_iter * (done - max(start_iter, done - args.log_interval)) / dt if dt > 0 else 0.0
-            mfu = fpt * tok_s / (peak * world) if peak else None
-            bar.set_postfix(loss=f"{loss_sum.item():.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}" if mfu else "n/a")
-            log(iter=done, loss=loss_sum.item(), lr=lr, tok_s=tok_s, mfu=mfu, time=time.time())
+            mfu = fpt * tok_s / (peak * run.world) if peak else None
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}" if mfu else "n/a")
+            run.log(iter=done, loss=loss.item(), lr=lr_at(it, args), tok_s=tok_s, mfu=mfu, time=time.time())
             t0 = time.time()
         if done % args.eval_interval == 0 or done == args.max_iters:
-            val = evaluate()
+            val = evaluate(run, raw, val_stream, args, autocast)
             best_val = min(best_val, val)
-            log(iter=done, val_nelbo=val, val_ppl_bound=math.exp(val), best_val_nelbo=best_val, tokens=done * tokens_per_iter)
-            if master:
+            run.log(iter=done, val_nelbo=val, val_ppl_bound=math.exp(val), best_val_nelbo=best_val,
+                    tokens=done * tokens_per_iter)
+            if run.master:
                 tqdm.write(f"iter {done}: val NELBO {val:.4f} nats/token, perplexity bound {math.exp(val):.2f}")
-            checkpoint(done)
+            checkpoint(run, raw, cfg, optimizer, args, done, best_val)
             t0 = time.time()
-        stopping = bool(stop)
-        if ddp:  # every process stops at the same iteration
-            flag = torch.tensor([float(stopping)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = bool(flag.item())
-        if stopping:
-            checkpoint(done)
-            if master:
-                tqdm.write(f"interrupted after iter {done}: checkpoint saved to {ckpt_path}; --resume continues")
-            leave()
+        if run.all_reduce([float(bool(stop))], dist.ReduceOp.MAX if run.ddp else None)[0]:  # all stop together
+            checkpoint(run, raw, cfg, optimizer, args, done, best_val)
+            if run.master:
+                tqdm.write(f"interrupted after iter {done}: checkpoint saved to {run.ckpt_path}; --resume continues")
+            run.leave()
             sys.exit(130)
     bar.close()
-    if master:  # the last evaluation wrote the final checkpoint
+    if run.master:  # the last evaluation wrote the final checkpoint
         raw.eval()
         acc = {f"infill_acc_{round(100 * f)}": infill_accuracy(raw, val_stream, args.seq_len, args.batch_size,
                                                                args.eval_iters, f, args.seed + 2, autocast)
                for f in (0.15, 0.5)}
-        log(iter=args.max_iters, **acc)
+        run.log(iter=args.max_iters, **acc)
         if val is not None:
             print(f"done: {args.max_iters} iters; val NELBO {val:.4f} nats/token, perplexity bound {math.exp(val):.2f}; "
                   f"infilling accuracy {acc['infill_acc_15']:.1%} (15% masked), {acc['infill_acc_50']:.1%} (50%); "
-                  f"checkpoint {ckpt_path}")
-    leave()
+                  f"checkpoint {run.ckpt_path}")
+    run.leave()
 
 
 if __name__ == "__main__":
