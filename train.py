@@ -39,8 +39,8 @@ RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval"}
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # the main job's size and budget on each kind of device (a flag overrides each)
 DEVICE_DEFAULTS = {
-    "cuda": dict(preset="small", seq_len=512, batch_size=32, max_iters=2000),
-    "cpu": dict(preset="tiny", seq_len=128, batch_size=8, max_iters=150),
+    "cuda": dict(preset="small", seq_len=512, batch_size=32, max_iters=2000, eval_iters=20),
+    "cpu": dict(preset="tiny", seq_len=128, batch_size=8, max_iters=150, eval_iters=8),
 }
 
 
@@ -70,7 +70,8 @@ def parse_args(argv):
                    "block in block diffusion)")
     p.add_argument("--t_hi", type=float, default=1.0, help="highest training noise level")
     p.add_argument("--eval_interval", type=int, default=None, help="default: max_iters // 5")
-    p.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
+    p.add_argument("--eval_iters", type=int, default=None, help="validation batches per evaluation (default: 20 "
+                   "on a GPU, 8 on a CPU)")
     p.add_argument("--log_interval", type=int, default=10)
     p.add_argument("--device", default="auto", help="auto: cuda if present, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
