@@ -618,9 +618,9 @@ def parse_args():
         args.compile_modes = "default" if args.device.startswith("cuda") else ""
     args.compile_modes = [m for m in args.compile_modes.split(",") if m]
     if args.tiny:
-        args.preset, args.lengths, args.batches, args.block_len = "tiny", [64, 128], [1], 16
-        args.e2e_len, args.e2e_steps, args.e2e_steps_per_block = 128, 8, 4
-        args.train_lengths, args.train_tokens = [64, 128], 256
+        args.preset, args.lengths, args.batches, args.block_len = "tiny", [64], [1], 16
+        args.e2e_len, args.e2e_steps, args.e2e_steps_per_block = 64, 8, 4
+        args.train_lengths, args.train_tokens = [64], 256
     return args
 
 

@@ -111,12 +111,15 @@ def check_scan(inputs, reverse=False, state_every=None, tol=None, fn=selective_s
     for k, r in ref.items():
         if r is None:
             continue
-        if k in ("dA", "dD"):
-            # dA and dD are each one sum per head over every position, and their terms cancel: float32
-            # rounding is bounded by the size of the terms, not of the sum, so measure the error against
-            # that. dD's terms: dy * x. dA's: dt * ddt minus the part of ddt that bypasses the decay.
+        if k in ("dA", "dD", "ddt_bias"):
+            # dA, dD and ddt_bias are each one sum per head over every position, and their terms cancel:
+            # float32 rounding is bounded by the size of the terms, not of the sum, so measure the error
+            # against that. dD's terms: dy * x. ddt_bias's: the raw dt's gradients. dA's: dt * ddt minus
+            # the part of ddt that bypasses the decay.
             if k == "dD":
                 scale = (dy * inputs["x"].double()).abs().sum((0, 1, 3))
+            elif k == "ddt_bias":
+                scale = ref["ddt"].abs().sum((0, 1))
             else:
                 dt, ddt = inputs["dt"].double(), ref["ddt"]
                 if inputs.get("dt_bias") is not None:  # the scan's dt, and the gradient it gets
