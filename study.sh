@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The quality study (README, "Quality"): DiffuMamba, DiffuMamba-H and the Transformer at the small preset,
+# The quality study (RESULTS.md, "Quality"): DiffuMamba, DiffuMamba-H and the Transformer at the small preset,
 # full-sequence with two seeds and block diffusion (block_len=64) with one, all on the built-in corpus with
-# the same tokens and optimiser settings (train.py's defaults on a GPU), then the table and the plot.
+# the same tokens and optimiser settings (600 iterations of 32 x 512 tokens, lr 1e-3), then the table and
+# the plot.
 # Each run leaves a short sample in its out_dir/sample.txt. A small learning-rate grid for the Transformer
 # and DiffuMamba (seed 1337) goes under runs_dir/lr.
 #     bash study.sh [runs_dir] [more train.py flags]
@@ -9,7 +10,7 @@ set -euo pipefail
 runs=${1:-runs}
 shift || true
 run() {  # out_dir, train.py flags: train, then a short sample (and, full-sequence, the infilling demo)
-  python train.py --out_dir=$1 "${@:2}"
+  python train.py --out_dir=$1 --max_iters=600 --eval_interval=60 --lr=1e-3 "${@:2}"
   python sample.py --out_dir=$1 --num_samples=1 --length=128 > $1/sample.txt
 }
 for seed in 1337 1338; do
@@ -21,10 +22,10 @@ for arch in transformer mamba hybrid; do
   run $runs/$arch-block64-s1337 --preset=small --arch=$arch --block_len=64 --seed=1337 "$@"
 done
 for lr in 5e-4 2e-3 4e-3; do
-  python train.py --preset=small --arch=transformer --lr=$lr --min_lr=$(python -c "print($lr / 10)") --seed=1337 \
+  python train.py --preset=small --arch=transformer --max_iters=600 --lr=$lr --seed=1337 \
     --out_dir=$runs/lr/transformer-lr$lr "$@"
 done
-python train.py --preset=small --arch=mamba --lr=2e-3 --min_lr=2e-4 --seed=1337 --out_dir=$runs/lr/mamba-lr2e-3 "$@"
+python train.py --preset=small --arch=mamba --max_iters=600 --lr=2e-3 --seed=1337 --out_dir=$runs/lr/mamba-lr2e-3 "$@"
 python - "$runs" <<'PY'
 import glob, json, math, os, statistics, sys
 runs = sys.argv[1]
