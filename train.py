@@ -196,12 +196,12 @@ class Run:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def all_reduce(self, values, op=None):
-        """Sum (or op) a list of floats over the processes."""
+    def all_reduce(self, values, op=dist.ReduceOp.SUM):
+        """values, a list of floats, reduced over the processes."""
         if not self.ddp:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
         return t.tolist()
 
     def leave(self):  # every process waits for rank 0's last writes, then the group closes together
@@ -353,7 +353,7 @@ def main(argv=None):
                 tqdm.write(f"iter {done}: val NELBO {val:.4f} nats/token, perplexity bound {math.exp(val):.2f}")
             checkpoint(run, raw, cfg, optimizer, args, done, best_val)
             t0 = time.time()
-        if run.all_reduce([float(bool(stop))], dist.ReduceOp.MAX if run.ddp else None)[0]:  # all stop together
+        if run.all_reduce([float(bool(stop))], dist.ReduceOp.MAX)[0]:  # all processes stop together
             checkpoint(run, raw, cfg, optimizer, args, done, best_val)
             if run.master:
                 tqdm.write(f"interrupted after iter {done}: checkpoint saved to {run.ckpt_path}; --resume continues")
