@@ -846,12 +846,19 @@ def test_a_few_files_train_resume_and_sample(tmp_path):
 
 def test_resume_continues_exactly(tmp_path, text_data):
     common = [text_data, "--grad_accum=2", "--eval_interval=5", "--arch=hybrid", "--block_len=16"] + TINY_RUN
+    stale = json.dumps(dict(iter=9, loss=0.0)) + "\n"  # a row past the checkpoint, or from an older run
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "straight" / "log.jsonl").write_text(stale)
     assert train(common + [f"--out_dir={tmp_path / 'straight'}", "--max_iters=12"]).returncode == 0
     assert train(common + [f"--out_dir={tmp_path / 'split'}", "--max_iters=6", "--lr_decay_iters=12"]).returncode == 0
+    with open(tmp_path / "split" / "log.jsonl", "a") as f:
+        f.write(stale)
     r = train(common + [f"--out_dir={tmp_path / 'split'}", "--max_iters=12", "--resume"])
     assert r.returncode == 0 and "resuming at iter 6" in r.stdout, r.stderr
     a, b = params_of(tmp_path / "straight"), params_of(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda run: [(row["iter"], row["loss"]) for row in read_log(tmp_path / run) if "loss" in row]
+    assert losses("straight") == losses("split") and [i for i, _ in losses("split")] == list(range(1, 13))
 
 
 def test_ctrl_c_leaves_a_loadable_checkpoint(tmp_path, text_data):

@@ -191,6 +191,20 @@ class Run:
         self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
         self.log_path = os.path.join(args.out_dir, "log.jsonl")
 
+    def start_log(self, start_iter):
+        """Begin the log at start_iter: a new run starts an empty one; a resumed run keeps the rows up to its
+        checkpoint's iteration and drops any that the interrupted run wrote past it, so no iteration is
+        logged twice."""
+        if not self.master:
+            return
+        rows = []
+        if start_iter and os.path.exists(self.log_path):
+            with open(self.log_path) as f:
+                rows = [line for line in f if json.loads(line)["iter"] <= start_iter]
+        with open(self.log_path + ".tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(self.log_path + ".tmp", self.log_path)
+
     def log(self, **row):
         if self.master:
             with open(self.log_path, "a") as f:
@@ -325,6 +339,7 @@ def main(argv=None):
     tokens_per_iter = args.batch_size * args.grad_accum * args.seq_len
     fpt, peak = flops_per_token(raw, cfg, args.seq_len), peak_flops(run.device)
     os.makedirs(args.out_dir, exist_ok=True)
+    run.start_log(start_iter)
     if run.master:
         print(f"{cfg.arch} {args.preset}: {raw.num_params() / 1e6:.1f}M parameters, block_len={cfg.block_len}, "
               f"{len(train_stream) / 1e6:.2f}M train tokens, {len(val_stream) / 1e6:.3f}M val, {tokens_per_iter} "
