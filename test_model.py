@@ -1126,3 +1126,37 @@ def test_bench_runs_on_cpu(tmp_path):
     variants = {row["variant"] for row in results["inference"] if "tok_s" in row}
     assert variants == {f"{a}-{m}" for a in ARCHS for m in ("full", "block")}
     assert "speedup over transformer-full" in r.stdout and "### training" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# the studies' report, on made-up logs
+
+
+def test_study_report_reads_runs_at_equal_tokens(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def write_run(name, iters, every, tokens_per_iter=16384):
+        curve = {i: float(rng.uniform(2, 5)) for i in [*range(every, iters, every), iters]}  # as train.py evaluates
+        rows = [dict(iter=i, loss=3.0, tok_s=float(rng.uniform(1e5, 2e5))) for i in range(10, iters + 1, 10)]
+        rows += [dict(iter=i, val_nelbo=v, tokens=i * tokens_per_iter) for i, v in curve.items()]
+        rows.append(dict(iter=iters, infill_acc_15=0.5, infill_acc_50=0.25))
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return curve
+    medium = write_run("medium/mamba-full", 3100, 300)
+    small = write_run("small/mamba-full", 600, 60)
+    seeds = [write_run(f"small/transformer-s{s}", 600, 60) for s in (1, 2)]
+    grid = write_run("lr/mamba-lr1e-3", 300, 300)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "study_report.py"), str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].endswith("| val NELBO at 9.8M tokens |")  # 600 iterations: the last point all runs share
+    row = next(line for line in lines if line.startswith("| medium/mamba-full |"))
+    assert f"| 50.8M | {medium[3100]:.3f} |" in row and row.endswith(f" {medium[600]:.3f} |")
+    assert next(line for line in lines if line.startswith("| small/mamba-full |")).endswith(f" {small[600]:.3f} |")
+    assert f"learning-rate check: lr/mamba-lr1e-3: val NELBO {grid[300]:.3f} at 4.9M tokens" in lines
+    finals = [c[600] for c in seeds]
+    assert (f"small/transformer: val NELBO {np.mean(finals):.3f} +- {np.std(finals, ddof=1):.3f} over 2 seeds"
+            in lines)
+    assert not any(line.startswith("| lr/") for line in lines)  # the check has its own lines, not table rows
