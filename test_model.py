@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import data  # noqa: E402
 import diffusion  # noqa: E402
 import sample  # noqa: E402
 import scan_kernel  # noqa: E402
-from model import ARCHS, PRESETS, DiffuMamba, Mamba2, ModelConfig, preset_config  # noqa: E402
+from model import ARCHS, PRESETS, DiffuMamba, Mamba2, ModelConfig, preset_config, rope  # noqa: E402
 from scan_kernel import selective_scan, selective_scan_chunked, selective_scan_ref  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -510,6 +511,21 @@ def test_full_sequence_is_bidirectional(arch, torch_scan):
         assert not torch.allclose(model(xt2)[:, 0], model(xt)[:, 0])
 
 
+def test_rope_scores_depend_on_relative_position():
+    # RoPE rotates each pair (i, i + head_dim / 2) by position * 10000^(-i / (head_dim / 2)), so a query-key
+    # score depends on the two positions only through their difference; position 0 is no rotation
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20, 16)
+    pos = torch.randperm(1000)[:20]
+    scores = lambda shift: rope(q, pos + shift) @ rope(k, pos + shift).transpose(-1, -2)
+    assert torch.allclose(scores(0), scores(777), atol=1e-3) and not torch.allclose(scores(0), q @ k.transpose(-1, -2))
+    assert torch.equal(rope(q, torch.zeros(20, dtype=torch.long)), q)
+    angle = 5 * 10000.0 ** (-3 / 8)  # position 5, pair 3 of 8, rotated by hand
+    x = rope(q, torch.full((20,), 5))
+    assert torch.allclose(x[..., 3], q[..., 3] * math.cos(angle) - q[..., 11] * math.sin(angle), atol=1e-5)
+    assert torch.allclose(x[..., 11], q[..., 3] * math.sin(angle) + q[..., 11] * math.cos(angle), atol=1e-5)
+
+
 def test_backward_direction_is_the_flipped_forward():
     # the reverse scan and look-ahead conv, checked against the forward mixer on the flipped sequence with
     # the flipped conv (through the kernels: the interpreter on a CPU)
@@ -806,7 +822,8 @@ def text_data(tmp_path_factory):
     words = "to be or not to be that is the question whether tis nobler in the mind to suffer".split()
     rng = np.random.default_rng(0)
     path.write_text(" ".join(rng.choice(words, 30000)))
-    return f"--data={path}"
+    # tokenised here, next to the text: train.py takes the cache directory as it is
+    return f"--data={data.prepare(str(path), 64, cache_root=str(path.parent / 'cache'))}"
 
 
 def train(args, **kw):
@@ -842,6 +859,7 @@ def test_a_few_files_train_resume_and_sample(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={tmp_path / 'out'}", "--device=cpu",
                         "--num_samples=1", "--length=24"], env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "---------- sample 0 ----------" in r.stdout and "trained 6 iters" in r.stdout, r.stderr
+    shutil.rmtree(data.prepare(str(tmp_path / "docs"), 64))  # the CLI's token cache of this corpus, in data/
 
 
 def test_resume_continues_exactly(tmp_path, text_data):
