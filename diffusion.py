@@ -131,8 +131,9 @@ REVEALS = ("random", "confidence", "threshold")
 
 
 def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator, threshold=0.9):
-    """Unmask x (batch, n) in place; logits_fn(x) gives logits (batch, n, vocab). Positions that are not
-    masked at the start are kept. Returns the number of model calls.
+    """Unmask x (batch, n) in place; logits_fn(x, rows) gives the logits (len(rows[0]), vocab) at rows, a
+    pair of index tensors (batch indices, positions). Positions that are not masked at the start are kept.
+    Returns the number of model calls.
 
     Random reveal is ancestral MDLM over `steps` steps: from t to s each masked position is revealed with
     probability (t - s) / t. Under the linear schedule that makes a position's reveal step uniform over
@@ -154,7 +155,7 @@ def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator,
             if last > first:
                 pos = order[first:last]
                 rows = (pos // x.shape[1], pos % x.shape[1])
-                x[rows] = pick_tokens(logits_fn(x)[rows], temperature, top_p, generator)[0]
+                x[rows] = pick_tokens(logits_fn(x, rows), temperature, top_p, generator)[0]
                 calls += 1
         return calls
     ts = torch.linspace(1, 0, steps + 1).tolist()
@@ -164,10 +165,10 @@ def denoise(x, logits_fn, mask_id, steps, temperature, top_p, reveal, generator,
         rows = masked.nonzero(as_tuple=True)
         if not len(rows[0]):
             break
-        if logits is None:
-            logits = logits_fn(x)
+        if logits is None:  # else nothing was revealed since: the same rows
+            logits = logits_fn(x, rows)
             calls += 1
-        tokens, probs = pick_tokens(logits[rows], temperature, top_p, generator)
+        tokens, probs = pick_tokens(logits, temperature, top_p, generator)
         score = torch.full(x.shape, -1.0, dtype=torch.float64, device=x.device)
         score[rows] = probs
         rank = score.argsort(1, descending=True).argsort(1)[rows]  # 0: the row's most probable draw
@@ -211,6 +212,16 @@ def graphed_model(model, x):
     static = x.clone()
     replay = cuda_graph(lambda: model(static))
     return lambda ids: (static.copy_(ids), replay())[1]
+
+
+def logits_at(call, device):
+    """call(ids, rows=None) as the samplers' logits_fn(ids, rows). On a CPU the output layer is most of a
+    small model's work, so it is formed only at the rows drawn. On a GPU it is cheap, and every position's
+    logits are formed and the rows picked from them: a CUDA graph has fixed shapes, and eager calls then
+    give the graph's numbers exactly."""
+    if device.type == "cuda":
+        return lambda ids, rows: call(ids)[rows]
+    return lambda ids, rows: call(ids, rows=rows)
 
 
 def graphed_block_calls(model, cache):
@@ -269,7 +280,7 @@ def sample_full(model, template, steps, temperature=1.0, top_p=1.0, reveal="rand
     generator = torch.Generator(device=x.device).manual_seed(seed)
     with autocast or contextlib.nullcontext():
         model.check_tokens("template", x, allow_mask=True)
-        logits_fn = graphed_model(model, x) if graph and x.is_cuda else model
+        logits_fn = logits_at(graphed_model(model, x) if graph and x.is_cuda else model, x.device)
         warmup_s = _warm(start, x.device)
         calls = denoise(x, logits_fn, model.cfg.vocab_size, steps, temperature, top_p, reveal, generator, threshold)
     return x, dict(calls=calls, warmup_s=warmup_s)
@@ -302,9 +313,12 @@ def sample_block(model, prompt, length, steps_per_block, temperature=1.0, top_p=
     calls, commits, end = 0, 0, length
     with autocast or contextlib.nullcontext():
         cache = model.new_cache(batch, out.shape[1])
-        forward_block, commit = lambda ids: model.forward_block(ids, cache), lambda ids: model.commit(ids, cache)
         if graph and prompt.is_cuda:
             forward_block, commit = graphed_block_calls(model, cache)
+        else:
+            forward_block = lambda ids, rows=None: model.forward_block(ids, cache, rows)
+            commit = lambda ids: model.commit(ids, cache)
+        forward_block = logits_at(forward_block, prompt.device)
         warmup_s = _warm(start_time, prompt.device)
         for b in range(start // K):
             commit(out[:, b * K:(b + 1) * K])

@@ -372,10 +372,12 @@ class DiffuMamba(nn.Module):
             raise ValueError(f"{name} holds token ids outside [0, {hi}] (vocab_size {self.cfg.vocab_size}"
                              f"{', mask id ' + str(self.mask_id) if allow_mask else ''})")
 
-    def forward(self, xt, x0=None, loss_weights=None):
-        """Logits (batch, seqlen, vocab_size) for the noisy tokens xt; block mode needs the clean x0.
-        With loss_weights (batch, seqlen), instead the loss sum(loss_weights * -log p(x0 | xt)), computed
-        without holding the logits whole. (Token values are the caller's to check: see check_tokens.)"""
+    def forward(self, xt, x0=None, loss_weights=None, rows=None):
+        """Logits (batch, seqlen, vocab_size) for the noisy tokens xt; block mode needs the clean x0. With
+        rows, a pair of index tensors (batch indices, positions), only those positions' logits: (n,
+        vocab_size). With loss_weights (batch, seqlen), instead the loss sum(loss_weights * -log p(x0 |
+        xt)), computed without holding the logits whole. (Token values are the caller's to check: see
+        check_tokens.)"""
         K = self.cfg.block_len
         self.check_tokens("xt", xt, allow_mask=True, values=False)
         if x0 is not None:
@@ -398,7 +400,7 @@ class DiffuMamba(nn.Module):
             for block in self.blocks:
                 u, uc = block.forward_blocks(u, uc, K)
         if loss_weights is None:
-            return self.logits(u)
+            return self.logits(u if rows is None else u[rows])
         if x0 is None:
             raise ValueError("loss_weights needs the targets: model(xt, x0=x0, loss_weights=w)")
         if loss_weights.shape != xt.shape:
@@ -442,9 +444,11 @@ class DiffuMamba(nn.Module):
             cache.pos += K  # in place, like the entries
         return u
 
-    def forward_block(self, xt_block, cache):
-        """Logits for one noisy block given everything committed; the cache is left as it was."""
-        return self.logits(self._step(xt_block, cache, commit=False))
+    def forward_block(self, xt_block, cache, rows=None):
+        """Logits for one noisy block given everything committed (with rows, at those positions only, as
+        forward's); the cache is left as it was."""
+        u = self._step(xt_block, cache, commit=False)
+        return self.logits(u if rows is None else u[rows])
 
     def commit(self, x0_block, cache):
         """Advance the cache with a finished clean block; returns the cache."""

@@ -960,6 +960,20 @@ def test_samplers_keep_context_and_follow_the_seed(kind, torch_scan):
     assert torch.equal(run(seed=5, top_p=0.5), run(seed=5, top_p=0.5))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_at_rows_match_all_logits(arch, torch_scan):
+    # the samplers' CPU path forms the output layer at the drawn rows only
+    full, block = small_model(arch), small_model(arch, block_len=8)
+    xt, x0 = noisy_pair(2, 24, 97)
+    rows = (torch.tensor([1, 0, 1, 1], device=DEVICE), torch.tensor([3, 7, 0, 7], device=DEVICE))
+    with torch.no_grad():
+        assert torch.allclose(full(xt, rows=rows), full(xt)[rows], atol=1e-5)
+        cache = block.new_cache(2, 24)
+        block.commit(x0[:, :8], cache)
+        assert torch.allclose(block.forward_block(xt[:, 8:16], cache, rows),
+                              block.forward_block(xt[:, 8:16], cache)[rows], atol=1e-5)
+
+
 def test_random_reveal_is_ancestral():
     # ancestral MDLM from t to s reveals each masked position with probability (t - s) / t: before step i
     # of n, a fraction 1 - i / n of the positions masked at the start is still masked; given tokens stay
@@ -968,9 +982,9 @@ def test_random_reveal_is_ancestral():
     x[:, :length // 3] = 7
     seen = []
 
-    def logits_fn(ids):
+    def logits_fn(ids, rows):
         seen.append((ids == M).sum().item())
-        return torch.zeros(batch, length, M, device=DEVICE)
+        return torch.zeros(len(rows[0]), M, device=DEVICE)
 
     g = torch.Generator(device=DEVICE).manual_seed(1234)
     calls = diffusion.denoise(x, logits_fn, M, steps, 1.0, 1.0, "random", g)
@@ -1013,7 +1027,8 @@ def test_block_sampler_stops_at_end_of_text(torch_scan, monkeypatch):
     model = small_model("mamba", block_len=8, vocab_size=97)
     eot = 5
     real = model.forward_block
-    monkeypatch.setattr(model, "forward_block", lambda x, cache: real(x, cache).index_fill(-1, torch.tensor([eot], device=DEVICE), 50.0))
+    monkeypatch.setattr(model, "forward_block", lambda x, cache, rows=None: real(x, cache, rows).index_fill(
+        -1, torch.tensor([eot], device=DEVICE), 50.0))
     empty = torch.zeros(2, 0, dtype=torch.long, device=DEVICE)
     out, _ = diffusion.sample_block(model, empty, 64, 2, stop_token=eot, graph=False)  # the patch is eager-only
     assert out.shape == (2, 8) and (out == eot).all()
