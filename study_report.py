@@ -25,7 +25,7 @@ def read_run(path):
     evals = [r for r in log if "val_nelbo" in r]
     speed = [r["tok_s"] for r in log if "tok_s" in r]
     speed = speed[2:] or speed  # past the first logs, which include start-up
-    infill = next((r for r in log if "infill_acc_15" in r), None)  # None: the run did not finish
+    infill = next((r for r in reversed(log) if "infill_acc_15" in r), None)  # None: the run did not finish
     return dict(curve={e["tokens"]: e["val_nelbo"] for e in evals}, tok_s=statistics.median(speed) if speed else 0.0,
                 acc=f"{infill['infill_acc_15']:.1%} | {infill['infill_acc_50']:.1%}" if infill else "unfinished | unfinished")
 

@@ -850,16 +850,19 @@ def test_tiny_run_learns(tmp_path, text_data):
 def test_a_few_files_train_resume_and_sample(tmp_path):
     # a user's own small corpus: four short documents (none hashes into val, so the split is by tokens)
     write_docs(tmp_path / "docs", 4, 400)
-    common = [f"--data={tmp_path / 'docs'}", f"--out_dir={tmp_path / 'out'}", "--eval_interval=2"] + TINY_RUN
-    r = train(common + ["--max_iters=4"])
-    assert r.returncode == 0, r.stderr
-    assert "split by tokens" in r.stdout and "done: 4 iters; val NELBO" in r.stdout
-    r = train(common + ["--max_iters=6", "--resume"])
-    assert r.returncode == 0 and "resuming at iter 4" in r.stdout, r.stderr
-    r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={tmp_path / 'out'}", "--device=cpu",
-                        "--num_samples=1", "--length=24"], env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "---------- sample 0 ----------" in r.stdout and "trained 6 iters" in r.stdout, r.stderr
-    shutil.rmtree(data.prepare(str(tmp_path / "docs"), 64))  # the CLI's token cache of this corpus, in data/
+    try:
+        common = [f"--data={tmp_path / 'docs'}", f"--out_dir={tmp_path / 'out'}", "--eval_interval=2"] + TINY_RUN
+        r = train(common + ["--max_iters=4"])
+        assert r.returncode == 0, r.stderr
+        assert "split by tokens" in r.stdout and "done: 4 iters; val NELBO" in r.stdout
+        r = train(common + ["--max_iters=6", "--resume"])
+        assert r.returncode == 0 and "resuming at iter 4" in r.stdout, r.stderr
+        r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={tmp_path / 'out'}",
+                            "--device=cpu", "--num_samples=1", "--length=24"], env=subprocess_env(), capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0 and "---------- sample 0 ----------" in r.stdout and "trained 6 iters" in r.stdout, r.stderr
+    finally:  # the CLI's token cache of this corpus, in data/
+        shutil.rmtree(data.prepare(str(tmp_path / "docs"), 64), ignore_errors=True)
 
 
 def test_resume_continues_exactly(tmp_path, text_data):
@@ -870,7 +873,7 @@ def test_resume_continues_exactly(tmp_path, text_data):
     assert train(common + [f"--out_dir={tmp_path / 'straight'}", "--max_iters=12"]).returncode == 0
     assert train(common + [f"--out_dir={tmp_path / 'split'}", "--max_iters=6", "--lr_decay_iters=12"]).returncode == 0
     with open(tmp_path / "split" / "log.jsonl", "a") as f:
-        f.write(stale)
+        f.write(stale + '{"iter": 9, "lo')  # and a last line that a kill cut short
     r = train(common + [f"--out_dir={tmp_path / 'split'}", "--max_iters=12", "--resume"])
     assert r.returncode == 0 and "resuming at iter 6" in r.stdout, r.stderr
     a, b = params_of(tmp_path / "straight"), params_of(tmp_path / "split")
@@ -972,6 +975,16 @@ def test_logits_at_rows_match_all_logits(arch, torch_scan):
         block.commit(x0[:, :8], cache)
         assert torch.allclose(block.forward_block(xt[:, 8:16], cache, rows),
                               block.forward_block(xt[:, 8:16], cache)[rows], atol=1e-5)
+
+
+def test_samplers_form_logits_at_the_drawn_rows_on_a_cpu():
+    seen = []
+    call = lambda ids, rows=None: (seen.append(rows), torch.arange(24.0).view(2, 3, 4))[1]
+    rows = (torch.tensor([1, 0]), torch.tensor([2, 1]))
+    diffusion.logits_at(call, torch.device("cpu"))(None, rows)
+    assert seen[-1] is rows  # the model forms only these rows' logits
+    got = diffusion.logits_at(call, torch.device("cuda"))(None, rows)  # every position's, then the rows
+    assert seen[-1] is None and torch.equal(got, torch.tensor([[20.0, 21, 22, 23], [4, 5, 6, 7]]))
 
 
 def test_random_reveal_is_ancestral():
@@ -1176,6 +1189,12 @@ def test_study_report_reads_runs_at_equal_tokens(tmp_path):
         os.makedirs(tmp_path / name)
         (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return curve
+    same = [write_run(f"same/{arch}", 600, 60) for arch in ("mamba", "transformer")]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "study_report.py"), str(tmp_path / "same")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("| run |"), r.stderr
+    assert "val NELBO at" not in r.stdout and f"| 9.8M | {same[0][600]:.3f} |" in r.stdout  # ends alike: no column
+    shutil.rmtree(tmp_path / "same")
     medium = write_run("medium/mamba-full", 3100, 300)
     small = write_run("small/mamba-full", 600, 60)
     seeds = [write_run(f"small/transformer-s{s}", 600, 60) for s in (1, 2)]

@@ -193,14 +193,14 @@ class Run:
 
     def start_log(self, start_iter):
         """Begin the log at start_iter: a new run starts an empty one; a resumed run keeps the rows up to its
-        checkpoint's iteration and drops any that the interrupted run wrote past it, so no iteration is
-        logged twice."""
+        checkpoint's iteration and drops any that the interrupted run wrote past it (a last line cut short
+        too), so no iteration is logged twice."""
         if not self.master:
             return
         rows = []
         if start_iter and os.path.exists(self.log_path):
             with open(self.log_path) as f:
-                rows = [line for line in f if json.loads(line)["iter"] <= start_iter]
+                rows = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] <= start_iter]
         with open(self.log_path + ".tmp", "w") as f:
             f.writelines(rows)
         os.replace(self.log_path + ".tmp", self.log_path)
