@@ -142,12 +142,11 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(self.nheads))
         self.norm = RMSNorm(self.d_inner)
 
-    def forward(self, zxbcdt, tail=None, state=None, state_every=None):
-        """zxbcdt: (n, T, width), this direction's part of in_proj(u). tail: (n, d_conv - 1, conv_dim), the
-        conv inputs just outside the segment (before it; after it when reverse), zeros if None. state: the
-        scan state entering the segment. Returns the gated, normed scan output (n, T, d_inner), the states
-        every state_every positions (or None), and the conv inputs xBC."""
-        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+    def forward(self, z, xBC, dt, tail=None, state=None, state_every=None):
+        """z (n, T, d_inner), xBC (n, T, conv_dim), dt (n, T, nheads): this direction's parts of in_proj(u).
+        tail: (n, d_conv - 1, conv_dim), the conv inputs just outside the segment (before it; after it when
+        reverse), zeros if None. state: the scan state entering the segment. Returns the gated, normed scan
+        output (n, T, d_inner), the states every state_every positions (or None), and the conv inputs xBC."""
         # forward: sum_j w_j xBC_{t-3+j}; reverse: sum_j w_j xBC_{t+j}, the next 3 positions (then SiLU)
         xBC_conv = causal_conv(xBC, self.conv_weight[:, 0], self.conv_bias, tail, self.reverse)
         x, B, C = xBC_conv.split([self.d_inner, self.ngroups * self.dstate, self.ngroups * self.dstate], dim=-1)
@@ -182,25 +181,30 @@ class BiMamba(nn.Module):
         self.out_proj.residual = True
 
     def project(self, u):
-        """Both directions' in_proj outputs."""
-        return self.in_proj(u)[..., :2 * self.fwd.width].chunk(2, dim=-1)
+        """Both directions' parts of in_proj(u): (z, xBC, dt) for each. One split, the padding left out: its
+        backward is one concatenation, where slicing, halving and splitting would copy the gradient thrice."""
+        f = self.fwd
+        parts = self.in_proj(u).split(2 * [f.d_inner, f.conv_dim, f.nheads] + [self.in_proj.out_features - 2 * f.width],
+                                      dim=-1)
+        return parts[:3], parts[3:6]
 
     def forward(self, u):
         pf, pb = self.project(u)
-        return self.out_proj(torch.cat([self.fwd(pf)[0], self.bwd(pb)[0]], dim=-1))
+        return self.out_proj(torch.cat([self.fwd(*pf)[0], self.bwd(*pb)[0]], dim=-1))
 
     def forward_blocks(self, un, uc, K):
         batch, L, _ = uc.shape
         pf, pb = self.project(torch.cat([un, uc]))  # noisy rows, then clean
         # forward direction: the clean stream runs through; noisy block b starts from the clean state and
         # conv window before it
-        yc, states, xBC = self.fwd(pf[batch:], state_every=K)
+        yc, states, xBC = self.fwd(*(p[batch:] for p in pf), state_every=K)
         w = self.fwd.conv_weight.shape[-1]
         tails = F.pad(xBC, (0, 0, w - 1, 0)).unfold(1, w - 1, K)[:, :L // K].transpose(2, 3)
         starts = torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1)
-        yn = from_blocks(self.fwd(to_blocks(pf[:batch], K), tails.flatten(0, 1), starts.flatten(0, 1))[0], batch)
+        yn = from_blocks(self.fwd(*(to_blocks(p[:batch], K) for p in pf), tails.flatten(0, 1), starts.flatten(0, 1))[0],
+                         batch)
         # backward direction: confined to each block, both streams in one call
-        yb = from_blocks(self.bwd(to_blocks(pb, K))[0], 2 * batch)
+        yb = from_blocks(self.bwd(*(to_blocks(p, K) for p in pb))[0], 2 * batch)
         y = self.out_proj(torch.cat([torch.cat([yn, yc]), yb], dim=-1))
         return y[:batch], y[batch:]
 
@@ -208,12 +212,12 @@ class BiMamba(nn.Module):
         """One block of K given the cache entry {tail, state}; commit=True advances the entry. (pos, the
         committed length, is for attention layers.)"""
         pf, pb = self.project(u)
-        y, states, xBC = self.fwd(pf, entry["tail"], entry["state"], state_every=u.shape[1] if commit else None)
+        y, states, xBC = self.fwd(*pf, entry["tail"], entry["state"], state_every=u.shape[1] if commit else None)
         if commit:  # in place: the cache is a fixed set of tensors (a CUDA graph can replay this)
             entry["state"].copy_(states[:, -1])
             window = torch.cat([entry["tail"].to(xBC.dtype), xBC], dim=1)
             entry["tail"].copy_(window[:, window.shape[1] - entry["tail"].shape[1]:])
-        return self.out_proj(torch.cat([y, self.bwd(pb)[0]], dim=-1))
+        return self.out_proj(torch.cat([y, self.bwd(*pb)[0]], dim=-1))
 
     def new_entry(self, batch, capacity, device, dtype):
         f = self.fwd
