@@ -26,7 +26,9 @@ def read_run(path):
     speed = [r["tok_s"] for r in log if "tok_s" in r]
     speed = speed[2:] or speed  # past the first logs, which include start-up
     infill = next((r for r in reversed(log) if "infill_acc_15" in r), None)  # None: the run did not finish
-    return dict(curve={e["tokens"]: e["val_nelbo"] for e in evals}, tok_s=statistics.median(speed) if speed else 0.0,
+    curve = {e["tokens"]: e["val_nelbo"] for e in evals}
+    return dict(curve=curve, tokens=max(curve, default=0), nelbo=curve[max(curve)] if curve else float("nan"),
+                tok_s=statistics.median(speed) if speed else 0.0,
                 acc=f"{infill['infill_acc_15']:.1%} | {infill['infill_acc_50']:.1%}" if infill else "unfinished | unfinished")
 
 
@@ -44,22 +46,20 @@ def main():
     if not runs:
         raise SystemExit(f"no evaluated runs under {args.runs}")
     common = set.intersection(*(set(r["curve"]) for r in runs.values()))
-    at = max(common) if common and any(max(r["curve"]) != max(common) for r in runs.values()) else None
+    at = max(common) if common and any(r["tokens"] != max(common) for r in runs.values()) else None
     print("| run | tokens | val NELBO (nats/token) | perplexity bound | infill acc. 15% | infill acc. 50% | train tokens/s |"
           + (f" val NELBO at {at / 1e6:.1f}M tokens |" if at else ""))
     print("|---|---|---|---|---|---|---|" + ("---|" if at else ""))
     for name, r in runs.items():
-        tokens = max(r["curve"])
-        nelbo = r["curve"][tokens]
-        print(f"| {name} | {tokens / 1e6:.1f}M | {nelbo:.3f} | {math.exp(nelbo):.1f} | {r['acc']} | {r['tok_s']:,.0f} |"
-              + (f" {r['curve'][at]:.3f} |" if at else ""))
+        print(f"| {name} | {r['tokens'] / 1e6:.1f}M | {r['nelbo']:.3f} | {math.exp(r['nelbo']):.1f} | {r['acc']} | "
+              f"{r['tok_s']:,.0f} |" + (f" {r['curve'][at]:.3f} |" if at else ""))
     for name, r in grid.items():
-        print(f"learning-rate check: {name}: val NELBO {r['curve'][max(r['curve'])]:.3f} at {max(r['curve']) / 1e6:.1f}M tokens")
+        print(f"learning-rate check: {name}: val NELBO {r['nelbo']:.3f} at {r['tokens'] / 1e6:.1f}M tokens")
     seeds = {}
     for name, r in runs.items():
         m = re.fullmatch(r"(.*)-s\d+", name)
         if m:
-            seeds.setdefault(m.group(1), []).append(r["curve"][max(r["curve"])])
+            seeds.setdefault(m.group(1), []).append(r["nelbo"])
     for group, values in seeds.items():
         if len(values) > 1:
             print(f"{group}: val NELBO {statistics.mean(values):.3f} +- {statistics.stdev(values):.3f} over {len(values)} seeds")
