@@ -922,6 +922,20 @@ def test_bad_training_flags(tmp_path, text_data):
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
+def test_device_defaults():
+    # the main job's settings follow the device; CUDA graphs by default only for one GPU process
+    import train as train_module
+    def resolved(argv, device_type, ddp):
+        _, args = train_module.parse_args(argv)
+        train_module.resolve(args, device_type, ddp)
+        return args
+    one_gpu, ddp_gpu, cpu = resolved([], "cuda", False), resolved([], "cuda", True), resolved([], "cpu", False)
+    assert (one_gpu.compile, one_gpu.preset, one_gpu.dtype) == ("reduce-overhead", "small", "bfloat16")
+    assert (ddp_gpu.compile, cpu.compile, cpu.preset, cpu.dtype) == ("off", "off", "tiny", "float32")
+    assert resolved(["--compile=off"], "cuda", False).compile == "off"
+    assert resolved(["--compile=default"], "cpu", False).compile == "default"
+
+
 def test_ddp_matches_one_process(tmp_path, text_data):
     # 2 processes under torchrun with gloo: the same global batch, the same parameters
     common = [text_data, "--grad_accum=2", "--max_iters=6", "--eval_interval=3"] + TINY_RUN

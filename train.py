@@ -76,7 +76,8 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto: cuda if present, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype; auto: bfloat16 on a GPU, float32 on a CPU")
-    p.add_argument("--compile", default="off", choices=COMPILE_MODES, help="torch.compile the model, in this mode")
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES, help="torch.compile the model, in this mode; "
+                   "default: reduce-overhead (CUDA graphs) on one GPU, off on a CPU and under torchrun")
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
@@ -84,11 +85,13 @@ def parse_args(argv):
     return p, args
 
 
-def resolve(args, device_type):
+def resolve(args, device_type, ddp):
     """Fill the device-dependent defaults and check the numbers."""
     for k, v in DEVICE_DEFAULTS[device_type].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.compile is None:  # CUDA graphs take the host out of a small model's step; DDP with them is untested
+        args.compile = "reduce-overhead" if device_type == "cuda" and not ddp else "off"
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
     args.eval_interval = args.eval_interval or max(1, args.max_iters // 5)
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
@@ -238,7 +241,7 @@ def setup(run, args):
         for k, v in saved.items():
             if k not in ENVIRONMENT and not (k in RESUMABLE and k in args.given):
                 setattr(args, k, v)
-    resolve(args, run.device.type)
+    resolve(args, run.device.type, run.ddp)
     if args.grad_accum % run.world:
         raise ValueError(f"--grad_accum ({args.grad_accum}) must be a multiple of the number of processes ({run.world})")
     cfg = ModelConfig(**ckpt["model_config"]) if ckpt else model_config(args)
