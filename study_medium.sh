@@ -40,9 +40,8 @@ stage() {  # every "out_dir flags..." given, three at a time; stops the study if
   done
 }
 best_lr() {  # the learning rate of the arch's lowest final val NELBO in lr/
-  python -c "import glob, os, sys, study_report
-last = lambda p: study_report.read_run(p)['nelbo']
-score = lambda p: last(p) if last(p) == last(p) else float('inf')  # a diverged run (NaN) is the worst
+  python -c "import glob, math, os, sys, study_report
+score = lambda p: float('inf') if math.isnan(v := study_report.read_run(p)['nelbo']) else v  # NaN: diverged, the worst
 best = min(glob.glob(f'{sys.argv[1]}/lr/{sys.argv[2]}-lr*/log.jsonl'), key=score)
 if score(best) == float('inf'):
     sys.exit(f'every learning rate of {sys.argv[2]} diverged: see {sys.argv[1]}/lr')

@@ -27,7 +27,8 @@ def read_run(path):
     speed = speed[2:] or speed  # past the first logs, which include start-up
     infill = next((r for r in reversed(log) if "infill_acc_15" in r), None)  # None: the run did not finish
     curve = {e["tokens"]: e["val_nelbo"] for e in evals}
-    return dict(curve=curve, tokens=max(curve, default=0), nelbo=curve[max(curve)] if curve else float("nan"),
+    tokens = max(curve, default=0)
+    return dict(curve=curve, tokens=tokens, nelbo=curve.get(tokens, float("nan")),
                 tok_s=statistics.median(speed) if speed else 0.0,
                 acc=f"{infill['infill_acc_15']:.1%} | {infill['infill_acc_50']:.1%}" if infill else "unfinished | unfinished")
 
