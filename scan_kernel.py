@@ -726,8 +726,10 @@ def _pass(local, logdecay, init, reverse):
 
 
 def _plan(x, B, state_every, reverse):
-    """The plan of a scan of x and B (state_every 0: no returned states)."""
-    return _cached_plan(*x.shape, B.shape[3], state_every or None, reverse)
+    """The plan of a scan of x and B (state_every 0: no returned states). Under torch.compile the sizes
+    may be symbols; the plan takes their values (a guard: a new shape is traced anew, as the kernels'
+    tiles depend on it)."""
+    return _cached_plan(*map(int, x.shape), int(B.shape[3]), state_every or None, reverse)
 
 
 _cached_plan = functools.lru_cache(maxsize=1024)(_Plan)  # a model makes the same few plans every step

@@ -351,7 +351,9 @@ def test_conv_matches_reference(reverse, seqlen, width, channels, tail, dtype):
         assert rel_err(g, g_ref) < tol, name
 
 
-@pytest.mark.parametrize("rows, d, dtype", [(37, 48, torch.float32), (5, 100, torch.float32), (40, 64, torch.bfloat16)])
+# 2 x 2049 rows: 4 rows a program, the last one short
+@pytest.mark.parametrize("rows, d, dtype", [(37, 48, torch.float32), (5, 100, torch.float32), (40, 64, torch.bfloat16),
+                                            (2049, 64, torch.float32)])
 def test_gated_norm_matches_reference(rows, d, dtype):
     z = torch.randn(2, rows, 2 * d + 3, device=DEVICE).to(dtype)[..., 1:1 + d].requires_grad_()  # a slice, as in the model
     y = torch.randn(2, rows, d, device=DEVICE).to(dtype).requires_grad_()
@@ -567,23 +569,25 @@ def test_compiled_model_matches_eager():
     # torch.compile traces the whole model, the kernels' operators included, in one graph (fullgraph:
     # no break), forward and backward, and gives the eager loss and gradients. On a GPU through inductor
     # and the Triton kernels; on a CPU through the interpreter's kernels with aot_eager (dynamo and
-    # autograd's tracing, without inductor's C++ code generation)
+    # autograd's tracing, without inductor's C++ code generation). A second shape makes dynamo trace the
+    # sizes as symbols, which the operators' shape functions must take too.
     torch.manual_seed(0)
     model = DiffuMamba(ModelConfig(vocab_size=97, d_model=64, n_layer=2, arch="hybrid", attn_every=2, block_len=8,
                                    n_head=2, headdim=32, dstate=16)).to(DEVICE)  # a Mamba block and an attention one
-    x0 = torch.randint(0, 97, (2, 32), device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
 
-    def loss_and_grads(m):
+    def loss_and_grads(m, x0):
         model.zero_grad()
         loss = diffusion.forward_loss(m, model.cfg, x0, torch.Generator(device=DEVICE).manual_seed(0))
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
-    loss, grads = loss_and_grads(model)
-    compiled = torch.compile(model, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
-    loss_c, grads_c = loss_and_grads(compiled)
-    assert rel_err(loss_c, loss) < tolerance(torch.float32)
-    for (name, _), g, g_c in zip(model.named_parameters(), grads, grads_c):
-        assert rel_err(g_c, g) < tolerance(torch.float32), name
+    for shape in ((2, 32), (3, 48)):
+        x0 = torch.randint(0, 97, shape, device=DEVICE)
+        loss, grads = loss_and_grads(model, x0)
+        loss_c, grads_c = loss_and_grads(compiled, x0)
+        assert rel_err(loss_c, loss) < tolerance(torch.float32)
+        for (name, _), g, g_c in zip(model.named_parameters(), grads, grads_c):
+            assert rel_err(g_c, g) < tolerance(torch.float32), name
 
 
 def test_model_errors(torch_scan):
