@@ -181,12 +181,13 @@ class BiMamba(nn.Module):
         self.out_proj.residual = True
 
     def project(self, u):
-        """Both directions' parts of in_proj(u): (z, xBC, dt) for each. One split, the padding left out: its
-        backward is one concatenation, where slicing, halving and splitting would copy the gradient thrice."""
+        """Both directions' parts of in_proj(u): (z, xBC, dt) for each. The columns are ordered [z_f z_b | xBC_f
+        xBC_b | dt_f dt_b | padding], so that every wide part starts 16 bytes into a row (vector loads in the
+        kernels that read it in place). One split, the padding left out: its backward is one concatenation."""
         f = self.fwd
-        parts = self.in_proj(u).split(2 * [f.d_inner, f.conv_dim, f.nheads] + [self.in_proj.out_features - 2 * f.width],
-                                      dim=-1)
-        return parts[:3], parts[3:6]
+        z_f, z_b, xBC_f, xBC_b, dt_f, dt_b, _ = self.in_proj(u).split(
+            [f.d_inner] * 2 + [f.conv_dim] * 2 + [f.nheads] * 2 + [self.in_proj.out_features - 2 * f.width], dim=-1)
+        return (z_f, xBC_f, dt_f), (z_b, xBC_b, dt_b)
 
     def forward(self, u):
         pf, pb = self.project(u)
