@@ -111,6 +111,10 @@ def model_config(args):
     return cfg
 
 
+# the layout of the model's parameters; a checkpoint of another would load and compute something else
+CHECKPOINT_FORMAT = 2
+
+
 def load_checkpoint(path):
     """The checkpoint at path, or a ValueError that says what is wrong with it."""
     if not os.path.exists(path):
@@ -122,6 +126,9 @@ def load_checkpoint(path):
     missing = [k for k in ("model", "model_config", "train_config", "iter") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a diffumamba checkpoint: it lacks {', '.join(missing)}")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} was written by an earlier version of the model code (checkpoint format "
+                         f"{ckpt.get('format', 1)}, this code reads {CHECKPOINT_FORMAT}): train it again")
     return ckpt
 
 
@@ -317,8 +324,9 @@ def checkpoint(run, raw, cfg, optimizer, args, it, best_val):
         rng = dict(torch=torch.get_rng_state())
         if run.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(run.device)
-        save_checkpoint(run.ckpt_path, dict(model=raw.state_dict(), optimizer=optimizer.state_dict(),
-                                            model_config=asdict(cfg), iter=it, best_val=best_val, rng=rng,
+        save_checkpoint(run.ckpt_path, dict(format=CHECKPOINT_FORMAT, model=raw.state_dict(),
+                                            optimizer=optimizer.state_dict(), model_config=asdict(cfg), iter=it,
+                                            best_val=best_val, rng=rng,
                                             train_config={k: v for k, v in vars(args).items() if k != "given"}))
 
 
