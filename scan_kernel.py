@@ -459,7 +459,7 @@ def _scan_adj_kernel(
 @triton.jit
 def _scan_grad_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, dy_ptr, init_ptr, dstates_ptr, pair_states_ptr,
-    pair_adj_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
+    pair_adj_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dhead_ptr,
     batch, seqlen, nheads, headdim, dstate, heads_per_group, every, nstates,
     sx_b, sx_l, sx_h, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sC_b, sC_l, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -569,18 +569,21 @@ def _scan_grad_kernel(
 
     tl.store(dx_ptr + rows[:, None] * headdim + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_lp)
     # partials: ddt (batch, seqlen, nheads, nptiles); dB, dC (batch, seqlen, nheads * nptiles, dstate);
-    # dA, dD (batch, nchunks, nheads, nptiles)
+    # the per-head sums dA, dD and ddt_bias, (3, batch, nchunks, nheads, nptiles)
     ddt = A * da + tl.sum(xf * LB, 1)
     if HAS_DT_BIAS:  # through dt = softplus(dt_raw + dt_bias)
-        ddt *= tl.sigmoid(dt_raw + dt_bias)
-    tl.store(ddt_ptr + rows * nptiles + pid_p, ddt, mask=valid)
+        ddt = tl.where(valid, ddt * tl.sigmoid(dt_raw + dt_bias), 0.0)
+    tl.store(ddt_ptr + rows * nptiles + pid_p, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
     part = (rows[:, None] * nptiles + pid_p) * dstate + offs_n[None, :]
     tl.store(dB_ptr + part, dB.to(dB_ptr.dtype.element_ty), mask=mask_ln)
     tl.store(dC_ptr + part, dC.to(dC_ptr.dtype.element_ty), mask=mask_ln)
-    chunk_row = (b.to(tl.int64) * nchunks + c) * nheads + h
-    tl.store(dA_ptr + chunk_row * nptiles + pid_p, tl.sum(dt * da, 0))
+    head_part = dhead_ptr + ((b.to(tl.int64) * nchunks + c) * nheads + h) * nptiles + pid_p
+    nparts = batch * nchunks * nheads * nptiles
+    tl.store(head_part, tl.sum(dt * da, 0))
     if HAS_D:
-        tl.store(dD_ptr + chunk_row * nptiles + pid_p, tl.sum(tl.sum(dyf * xf, 1), 0))
+        tl.store(head_part + nparts, tl.sum(tl.sum(dyf * xf, 1), 0))
+    if HAS_DT_BIAS:  # ddt_bias sums the chunk's ddt here, not over every position outside
+        tl.store(head_part + 2 * nparts, tl.sum(ddt, 0))
 
 
 @triton.jit
@@ -770,27 +773,27 @@ def _backward(x, dt, A, B, C, D, initial_state, dt_bias, pair_states, logdecay, 
                      True)
     rout = _run_adj(plan, dt, A, dt_bias, C, dy, dstates, every, rend, pair_adj)
     # every chunk's gradients, side by side
+    # with one headdim tile the kernel writes ddt itself, in dt's precision
     nptiles = -(-headdim // plan.block_p)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    ddt = torch.empty(batch, seqlen, nheads, nptiles, **f32)
+    ddt = torch.empty(batch, seqlen, nheads, nptiles, device=x.device, dtype=dt.dtype if nptiles == 1 else torch.float32)
     dB = B.new_empty(batch, seqlen, nheads * nptiles, dstate)
     dC = C.new_empty(batch, seqlen, nheads * nptiles, dstate)
-    dA = torch.empty(batch, plan.nchunks, nheads, nptiles, **f32)
-    dD = torch.empty(batch, plan.nchunks, nheads, nptiles, **f32) if D is not None else None
+    dhead = torch.empty(3, batch, plan.nchunks, nheads, nptiles, **f32)
     _scan_grad_kernel[(plan.nchunks * batch * nheads, nptiles)](
         x, dt, A, B, C, D, dt_bias, dy, initial_state, dstates, pair_states, pair_adj,
-        dx, ddt, dB, dC, dA, dD,
+        dx, ddt, dB, dC, dhead,
         batch, seqlen, nheads, headdim, dstate, nheads // ngroups, every, plan.nchunks // every,
         *_strides(x, dt, B, C),
         CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
         HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, HAS_INIT=initial_state is not None,
         HAS_DSTATES=dstates is not None, REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps)
-    group_sum = lambda t: t.view(batch, seqlen, ngroups, -1, dstate).sum(3)  # accumulated in float32
-    ddt = ddt.sum(3)
-    return (dx, ddt.to(dt.dtype), dA.sum((0, 1, 3)).to(A.dtype), group_sum(dB), group_sum(dC),
-            _empty(x) if D is None else dD.sum((0, 1, 3)).to(D.dtype),
-            _empty(x) if initial_state is None else rout[:, 0].to(initial_state.dtype),
-            _empty(x) if dt_bias is None else ddt.sum((0, 1)).to(dt_bias.dtype))
+    # (an operator's outputs may not share storage: each sum is a tensor of its own)
+    group_sum = lambda t: t.view(batch, seqlen, ngroups, -1, dstate).sum(3) if nheads * nptiles > ngroups else t
+    head_sum = lambda i, like: _empty(x) if like is None else dhead[i].sum((0, 1, 3)).to(like.dtype)
+    ddt = ddt.view(batch, seqlen, nheads) if nptiles == 1 else ddt.sum(3).to(dt.dtype)
+    return (dx, ddt, head_sum(0, A), group_sum(dB), group_sum(dC), head_sum(1, D),
+            _empty(x) if initial_state is None else rout[:, 0].to(initial_state.dtype), head_sum(2, dt_bias))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -951,12 +954,12 @@ def _conv_tap(x_base, tail_ptr, b, t, c, mask, j, seqlen, channels, sx_l,
 
 
 @triton.jit
-def _conv_kernel(x_ptr, w_ptr, b_ptr, tail_ptr, dy_ptr, y_ptr, dw_ptr, db_ptr,
+def _conv_kernel(x_ptr, w_ptr, b_ptr, tail_ptr, dy_ptr, y_ptr, dwb_ptr,
                  seqlen, channels, sx_b, sx_l,
                  WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_TAIL: tl.constexpr, SILU: tl.constexpr, GRAD: tl.constexpr):
-    # one program: one batch row, BLOCK_T positions, BLOCK_C channels. GRAD: y_ptr receives dv, and
-    # dw_ptr / db_ptr this program's partial sums, (batch * t-blocks, WIDTH, channels) / (..., channels)
+    # one program: one batch row, BLOCK_T positions, BLOCK_C channels. GRAD: y_ptr receives dv, and dwb_ptr
+    # this program's partial sums of dw and db, (batch * t-blocks, WIDTH + 1, channels) with db last
     b, pid_t, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -973,12 +976,12 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, tail_ptr, dy_ptr, y_ptr, dw_ptr, db_ptr,
     if GRAD:
         sig = tl.sigmoid(v)
         dv = tl.load(dy_ptr + out_rows, mask=mask, other=0.0).to(tl.float32) * sig * (1 + v * (1 - sig))
-        tl.store(y_ptr + out_rows, dv, mask=mask)
-        part = (b * tl.num_programs(1) + pid_t).to(tl.int64) * channels
-        tl.store(db_ptr + part + c, tl.sum(dv, 0), mask=in_c)
+        tl.store(y_ptr + out_rows, dv.to(y_ptr.dtype.element_ty), mask=mask)
+        part = dwb_ptr + (b * tl.num_programs(1) + pid_t).to(tl.int64) * (WIDTH + 1) * channels + c
+        tl.store(part + WIDTH * channels, tl.sum(dv, 0), mask=in_c)
         for j in tl.static_range(WIDTH):  # the taps again (from cache) for dw_j = sum_t dv_t * tap_j
             tap = _conv_tap(x_base, tail_ptr, b, t, c, mask, j, seqlen, channels, sx_l, WIDTH, REVERSE, HAS_TAIL)
-            tl.store(dw_ptr + part * WIDTH + j * channels + c, tl.sum(dv * tap, 0), mask=in_c)
+            tl.store(part + j * channels, tl.sum(dv * tap, 0), mask=in_c)
     else:
         if SILU:
             v = v * tl.sigmoid(v)
@@ -987,7 +990,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, tail_ptr, dy_ptr, y_ptr, dw_ptr, db_ptr,
 
 def _conv_launch(x, weight, bias, tail, reverse, silu, out_dtype, dy=None):
     """Run _conv_kernel over x (batch, seqlen, channels). With dy: the backward's pointwise pass; returns
-    dv (float32) and the partial sums of dw and db."""
+    dv and the partial sums of dw and db, (programs, width + 1, channels) with db last."""
     batch, seqlen, channels = x.shape
     width = weight.shape[1]
     BLOCK_C = 128
@@ -995,13 +998,13 @@ def _conv_launch(x, weight, bias, tail, reverse, silu, out_dtype, dy=None):
     BLOCK_T = 64 if batch * -(-seqlen // 64) * -(-channels // BLOCK_C) >= 256 else 16
     grid = (batch, -(-seqlen // BLOCK_T), -(-channels // BLOCK_C))
     grad = dy is not None
-    y = torch.empty(batch, seqlen, channels, device=x.device, dtype=torch.float32 if grad else out_dtype)
-    dw = x.new_empty(batch * grid[1], width, channels, dtype=torch.float32) if grad else None
-    db = x.new_empty(batch * grid[1], channels, dtype=torch.float32) if grad else None
-    _conv_kernel[grid](x, weight, bias, tail, dy, y, dw, db, seqlen, channels, x.stride(0), x.stride(1),
+    # dv in the inputs' precision: the transposed conv reads it back, and rounds dx to that precision anyway
+    y = torch.empty(batch, seqlen, channels, device=x.device, dtype=x.dtype if grad else out_dtype)
+    dwb = x.new_empty(batch * grid[1], width + 1, channels, dtype=torch.float32) if grad else None
+    _conv_kernel[grid](x, weight, bias, tail, dy, y, dwb, seqlen, channels, x.stride(0), x.stride(1),
                        WIDTH=width, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, REVERSE=reverse, HAS_BIAS=bias is not None,
                        HAS_TAIL=tail is not None, SILU=silu, GRAD=grad)
-    return (y, dw, db) if grad else y
+    return (y, dwb) if grad else y
 
 
 def _conv_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], tail: Optional[Tensor], reverse: bool) -> Tensor:
@@ -1017,7 +1020,7 @@ def _conv_backward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], tail:
                         reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     width, seqlen = weight.shape[1], x.shape[1]
     with _on_device(x):
-        dv, dw, db = _conv_launch(x, weight, bias, tail, reverse, False, None, dy.contiguous())
+        dv, dwb = _conv_launch(x, weight, bias, tail, reverse, False, None, dy.contiguous())
         # dx_p = sum_j w_j dv_{t(p, j)}: the conv of dv in the other direction with the taps flipped
         dx = _conv_launch(dv, weight.flip(1).contiguous(), None, None, not reverse, False, x.dtype)
     dtail = _empty(x)
@@ -1029,7 +1032,8 @@ def _conv_backward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], tail:
                 if 0 <= t < seqlen and (j > k if reverse else j <= k):
                     dtail[:, k] += weight[:, j].float() * dv[:, t]
         dtail = dtail.to(tail.dtype)
-    return (dx, dw.sum(0).t().contiguous().to(weight.dtype), _empty(x) if bias is None else db.sum(0).to(bias.dtype),
+    dwb = dwb.sum(0)
+    return (dx, dwb[:width].t().contiguous().to(weight.dtype), _empty(x) if bias is None else dwb[width].to(bias.dtype),
             dtail)
 
 
@@ -1107,13 +1111,18 @@ def _gated_norm_kernel(y_ptr, z_ptr, w_ptr, dout_ptr, out_ptr, dy_ptr, dz_ptr, d
         tl.store(dw_ptr + pid.to(tl.int64) * d + cols, dw, mask=in_d)
 
 
+def _gated_norm_rows(rows, grad):
+    """Rows a program: one in the forward. The backward's programs take up to 16 rows in turn (each
+    program's dweight partial is one row), while keeping at least about 1024 programs: a block step's
+    few rows then spread over the GPU instead of queueing in a few programs."""
+    return max(1, min(16, rows // 1024)) if grad else 1
+
+
 def _gated_norm_launch(y, z, weight, eps, dout=None):
     rows, d = y.shape
-    # up to 16 rows a program (each program's dweight partial is one row), but at least about 1024
-    # programs: a block step's few rows then spread over the GPU instead of queueing in a few programs
-    ROWS = max(1, min(16, rows // 1024))
-    grid = (-(-rows // ROWS),)
     grad = dout is not None
+    ROWS = _gated_norm_rows(rows, grad)
+    grid = (-(-rows // ROWS),)
     out = None if grad else torch.empty_like(y)
     dy, dz = (torch.empty_like(y), torch.empty(rows, d, device=y.device, dtype=z.dtype)) if grad else (None, None)
     dw = torch.empty(grid[0], d, device=y.device, dtype=torch.float32) if grad else None

@@ -28,6 +28,7 @@ import sample  # noqa: E402
 import scan_kernel  # noqa: E402
 from model import ARCHS, PRESETS, DiffuMamba, Mamba2, ModelConfig, preset_config, rope  # noqa: E402
 from scan_kernel import selective_scan, selective_scan_chunked, selective_scan_ref  # noqa: E402
+from train import CHECKPOINT_FORMAT  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1141,8 +1142,8 @@ def test_sample_cli(tmp_path, torch_scan, capsys, monkeypatch):
     full, block = small_model("mamba", vocab_size=50257), small_model("mamba", block_len=8, vocab_size=50257)
     for name, m in (("full", full), ("block", block)):
         os.makedirs(tmp_path / name)
-        torch.save(dict(model=m.state_dict(), model_config=m.config_dict(), train_config={}, iter=0),
-                   tmp_path / name / "ckpt.pt")
+        torch.save(dict(format=CHECKPOINT_FORMAT, model=m.state_dict(), model_config=m.config_dict(),
+                        train_config={}, iter=0), tmp_path / name / "ckpt.pt")
 
     def run(*args):
         return sample.main([f"--device={DEVICE}", "--num_samples=1", "--length=16", *args])
