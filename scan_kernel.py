@@ -772,11 +772,10 @@ def _backward(x, dt, A, B, C, D, initial_state, dt_bias, pair_states, logdecay, 
         rend = _pass(_run_adj(plan, dt, A, dt_bias, C, dy, dstates, every, None, None, coarse=k), logdecay, None,
                      True)
     rout = _run_adj(plan, dt, A, dt_bias, C, dy, dstates, every, rend, pair_adj)
-    # every chunk's gradients, side by side
-    # with one headdim tile the kernel writes ddt itself, in dt's precision
+    # every chunk's gradients, side by side; with one headdim tile the kernel writes ddt in dt's precision
     nptiles = -(-headdim // plan.block_p)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    ddt = torch.empty(batch, seqlen, nheads, nptiles, device=x.device, dtype=dt.dtype if nptiles == 1 else torch.float32)
+    ddt = x.new_empty(batch, seqlen, nheads, nptiles, dtype=dt.dtype if nptiles == 1 else torch.float32)
     dB = B.new_empty(batch, seqlen, nheads * nptiles, dstate)
     dC = C.new_empty(batch, seqlen, nheads * nptiles, dstate)
     dhead = torch.empty(3, batch, plan.nchunks, nheads, nptiles, **f32)
@@ -1033,8 +1032,8 @@ def _conv_backward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], tail:
                     dtail[:, k] += weight[:, j].float() * dv[:, t]
         dtail = dtail.to(tail.dtype)
     dwb = dwb.sum(0)
-    return (dx, dwb[:width].t().contiguous().to(weight.dtype), _empty(x) if bias is None else dwb[width].to(bias.dtype),
-            dtail)
+    dw = dwb[:width].t().contiguous().to(weight.dtype)
+    return dx, dw, _empty(x) if bias is None else dwb[width].to(bias.dtype), dtail
 
 
 def _conv_backward_fake(x, weight, bias, tail, dy, reverse):
@@ -1113,8 +1112,7 @@ def _gated_norm_kernel(y_ptr, z_ptr, w_ptr, dout_ptr, out_ptr, dy_ptr, dz_ptr, d
 
 def _gated_norm_rows(rows, grad):
     """Rows a program: one in the forward. The backward's programs take up to 16 rows in turn (each
-    program's dweight partial is one row), while keeping at least about 1024 programs: a block step's
-    few rows then spread over the GPU instead of queueing in a few programs."""
+    program's dweight partial is one row), while keeping at least about 1024 programs to fill the GPU."""
     return max(1, min(16, rows // 1024)) if grad else 1
 
 
