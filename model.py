@@ -182,8 +182,9 @@ class BiMamba(nn.Module):
 
     def project(self, u):
         """Both directions' parts of in_proj(u): (z, xBC, dt) for each. The columns are ordered [z_f z_b | xBC_f
-        xBC_b | dt_f dt_b | padding], so that every wide part starts 16 bytes into a row (vector loads in the
-        kernels that read it in place). One split, the padding left out: its backward is one concatenation."""
+        xBC_b | dt_f dt_b | padding]: with d_inner and conv_dim multiples of 8 (every preset), each wide part
+        starts on a 16-byte boundary, so the kernels that read it in place use vector loads. One split, the
+        padding left out: its backward is one concatenation."""
         f = self.fwd
         z_f, z_b, xBC_f, xBC_b, dt_f, dt_b, _ = self.in_proj(u).split(
             [f.d_inner] * 2 + [f.conv_dim] * 2 + [f.nheads] * 2 + [self.in_proj.out_features - 2 * f.width], dim=-1)

@@ -127,7 +127,7 @@ def load_checkpoint(path):
     if missing:
         raise ValueError(f"{path} is not a diffumamba checkpoint: it lacks {', '.join(missing)}")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} was written by an earlier version of the model code (checkpoint format "
+        raise ValueError(f"{path} was written by another version of the model code (checkpoint format "
                          f"{ckpt.get('format', 1)}, this code reads {CHECKPOINT_FORMAT}): train it again")
     return ckpt
 
