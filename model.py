@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from scan_kernel import causal_conv, gated_rms_norm, linear_cross_entropy, selective_scan
 
 ARCHS = ("mamba", "hybrid", "transformer")
+FWD, BWD, BOTH = slice(0, 1), slice(1, 2), slice(0, 2)  # the bidirectional mixer's directions
 
 
 @dataclass
@@ -120,44 +121,6 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
-class Mamba2(nn.Module):
-    """One direction of the mixer between its projections (BiMamba holds those, one product for both
-    directions): short depthwise conv + SiLU on xBC; the scan; RMSNorm(y * silu(z)). reverse=True scans
-    last to first and its conv looks ahead."""
-
-    def __init__(self, cfg, reverse):
-        super().__init__()
-        self.reverse = reverse
-        self.d_inner = cfg.expand * cfg.d_model
-        self.nheads, self.headdim = self.d_inner // cfg.headdim, cfg.headdim
-        self.ngroups, self.dstate = cfg.ngroups, cfg.dstate
-        self.conv_dim = self.d_inner + 2 * cfg.ngroups * cfg.dstate
-        self.width = self.d_inner + self.conv_dim + self.nheads  # in_proj's columns for this direction
-        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, 1, cfg.d_conv).uniform_(-1, 1) / math.sqrt(cfg.d_conv))
-        self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim))
-        # Mamba's initialisation: dt log-uniform in [1e-3, 0.1] through softplus, A uniform in [-16, -1]
-        dt = torch.exp(torch.empty(self.nheads).uniform_(math.log(1e-3), math.log(0.1))).clamp(min=1e-4)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.empty(self.nheads).uniform_(1, 16).log())
-        self.D = nn.Parameter(torch.ones(self.nheads))
-        self.norm = RMSNorm(self.d_inner)
-
-    def forward(self, z, xBC, dt, tail=None, state=None, state_every=None):
-        """z (n, T, d_inner), xBC (n, T, conv_dim), dt (n, T, nheads): this direction's parts of in_proj(u).
-        tail: (n, d_conv - 1, conv_dim), the conv inputs just outside the segment (before it; after it when
-        reverse), zeros if None. state: the scan state entering the segment. Returns the gated, normed scan
-        output (n, T, d_inner), the states every state_every positions (or None), and the conv inputs xBC."""
-        # forward: sum_j w_j xBC_{t-3+j}; reverse: sum_j w_j xBC_{t+j}, the next 3 positions (then SiLU)
-        xBC_conv = causal_conv(xBC, self.conv_weight[:, 0], self.conv_bias, tail, self.reverse)
-        x, B, C = xBC_conv.split([self.d_inner, self.ngroups * self.dstate, self.ngroups * self.dstate], dim=-1)
-        # dt goes in raw: the scan applies softplus(dt + dt_bias) itself
-        out = selective_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, -torch.exp(self.A_log.float()),
-                             B.unflatten(-1, (self.ngroups, self.dstate)), C.unflatten(-1, (self.ngroups, self.dstate)),
-                             self.D, state, reverse=self.reverse, state_every=state_every, dt_bias=self.dt_bias)
-        y, states = out if state_every is not None else (out, None)
-        return gated_rms_norm(y.flatten(-2), z, self.norm.weight), states, xBC  # RMSNorm(y * silu(z))
-
-
 def to_blocks(u, K):
     return u.reshape(u.shape[0] * (u.shape[1] // K), K, *u.shape[2:])
 
@@ -167,64 +130,103 @@ def from_blocks(u, batch):
 
 
 class BiMamba(nn.Module):
-    """y = fwd(u) + bwd(u): two directions with their own parameters. They read the same input and their
-    outputs are summed, so one product serves both in_projs, and one both out_projs:
-    W_f y_f + W_b y_b = [W_f W_b] [y_f; y_b]."""
+    """The bidirectional Mamba-2 mixer: y = fwd(u) + bwd(u), two directions with their own parameters, which
+    are stacked on a direction axis (0: first to last; 1: last to first, its conv looking ahead). Per
+    direction, between the projections: short depthwise conv + SiLU on xBC; the scan; RMSNorm(y * silu(z)).
+    Both directions read the same input and their outputs are summed, so one product serves both in_projs
+    and one both out_projs (W_f y_f + W_b y_b = [W_f W_b] [y_f; y_b]), and one launch of each kernel serves
+    both directions: the kernels take the direction axis."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.fwd, self.bwd = Mamba2(cfg, reverse=False), Mamba2(cfg, reverse=True)
+        self.d_inner = cfg.expand * cfg.d_model
+        self.nheads, self.headdim = self.d_inner // cfg.headdim, cfg.headdim
+        self.ngroups, self.dstate = cfg.ngroups, cfg.dstate
+        self.conv_dim = self.d_inner + 2 * cfg.ngroups * cfg.dstate
+        width = 2 * (self.d_inner + self.conv_dim + self.nheads)  # in_proj's columns for both directions
         # its output rows padded to a multiple of 64, left unused: a row of, say, 1804 (the small preset)
         # is misaligned for the fast matrix products
-        self.in_proj = nn.Linear(cfg.d_model, -(-2 * self.fwd.width // 64) * 64, bias=False)
-        self.out_proj = nn.Linear(2 * self.fwd.d_inner, cfg.d_model, bias=False)
+        self.in_proj = nn.Linear(cfg.d_model, -(-width // 64) * 64, bias=False)
+        self.out_proj = nn.Linear(2 * self.d_inner, cfg.d_model, bias=False)
         self.out_proj.residual = True
+        # per-direction parameters, stored flat (one vector or matrix row per channel, as the optimizer's
+        # weight-decay rule expects) and viewed with the direction axis where used
+        self.conv_weight = nn.Parameter(torch.empty(2 * self.conv_dim, 1, cfg.d_conv).uniform_(-1, 1) / math.sqrt(cfg.d_conv))
+        self.conv_bias = nn.Parameter(torch.zeros(2 * self.conv_dim))
+        # Mamba's initialisation: dt log-uniform in [1e-3, 0.1] through softplus, A uniform in [-16, -1]
+        dt = torch.exp(torch.empty(2 * self.nheads).uniform_(math.log(1e-3), math.log(0.1))).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.empty(2 * self.nheads).uniform_(1, 16).log())
+        self.D = nn.Parameter(torch.ones(2 * self.nheads))
+        self.norm_weight = nn.Parameter(torch.ones(2 * self.d_inner))
 
     def project(self, u):
-        """Both directions' parts of in_proj(u): (z, xBC, dt) for each. The columns are ordered [z_f z_b | xBC_f
-        xBC_b | dt_f dt_b | padding]: with d_inner and conv_dim multiples of 8 (every preset), each wide part
-        starts on a 16-byte boundary, so the kernels that read it in place use vector loads. One split, the
-        padding left out: its backward is one concatenation."""
-        f = self.fwd
-        z_f, z_b, xBC_f, xBC_b, dt_f, dt_b, _ = self.in_proj(u).split(
-            [f.d_inner] * 2 + [f.conv_dim] * 2 + [f.nheads] * 2 + [self.in_proj.out_features - 2 * f.width], dim=-1)
-        return (z_f, xBC_f, dt_f), (z_b, xBC_b, dt_b)
+        """in_proj(u) as z (..., 2, d_inner), xBC (..., 2, conv_dim), dt (..., 2, nheads): direction axes.
+        The columns are ordered [z_f z_b | xBC_f xBC_b | dt_f dt_b | padding]: with d_inner and conv_dim
+        multiples of 8 (every preset), each wide part starts on a 16-byte boundary, so the kernels that read
+        it in place use vector loads. One split, the padding left out: its backward is one concatenation."""
+        z, xBC, dt, _ = self.in_proj(u).split(
+            [2 * self.d_inner, 2 * self.conv_dim, 2 * self.nheads, self.in_proj.out_features - 2 * (
+                self.d_inner + self.conv_dim + self.nheads)], dim=-1)
+        return z.unflatten(-1, (2, -1)), xBC.unflatten(-1, (2, -1)), dt.unflatten(-1, (2, -1))
+
+    def mix(self, z, xBC, dt, dirs, tail=None, state=None, state_every=None):
+        """The directions dirs (a slice of the two: slice(0, 2) both, slice(0, 1) or slice(1, 2) one) over z
+        (n, T, ndir, d_inner), xBC (n, T, ndir, conv_dim), dt (n, T, ndir, nheads), their parts of in_proj(u).
+        tail: (n, d_conv - 1, ndir, conv_dim), the conv inputs just outside the segment (before it; after it
+        for direction 1), zeros if None. state: (n, ndir, nheads, headdim, dstate), the scan state entering
+        the segment. Returns the gated, normed scan output (n, T, ndir * d_inner), the states every
+        state_every positions (or None), and the conv inputs xBC."""
+        per_dir = lambda p, *shape: p.view(2, *shape)[dirs]
+        reverse = dirs.start == 1
+        xBC_conv = causal_conv(xBC, per_dir(self.conv_weight, self.conv_dim, -1), per_dir(self.conv_bias, -1), tail,
+                               reverse)
+        x, B, C = xBC_conv.split([self.d_inner, self.ngroups * self.dstate, self.ngroups * self.dstate], dim=-1)
+        # dt goes in raw: the scan applies softplus(dt + dt_bias) itself
+        out = selective_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt,
+                             -torch.exp(per_dir(self.A_log, -1).float()), B.unflatten(-1, (self.ngroups, self.dstate)),
+                             C.unflatten(-1, (self.ngroups, self.dstate)), per_dir(self.D, -1), state,
+                             reverse=reverse, state_every=state_every, dt_bias=per_dir(self.dt_bias, -1))
+        y, states = out if state_every is not None else (out, None)
+        y = gated_rms_norm(y.flatten(-2), z, per_dir(self.norm_weight, -1))  # RMSNorm(y * silu(z)), a direction each
+        return y.flatten(-2), states, xBC
 
     def forward(self, u):
-        pf, pb = self.project(u)
-        return self.out_proj(torch.cat([self.fwd(*pf)[0], self.bwd(*pb)[0]], dim=-1))
+        return self.out_proj(self.mix(*self.project(u), BOTH)[0])
 
     def forward_blocks(self, un, uc, K):
         batch, L, _ = uc.shape
-        pf, pb = self.project(torch.cat([un, uc]))  # noisy rows, then clean
+        z, xBC, dt = self.project(torch.cat([un, uc]))  # noisy rows, then clean
+        fwd = lambda *parts: (p[:, :, FWD] for p in parts)
         # forward direction: the clean stream runs through; noisy block b starts from the clean state and
         # conv window before it
-        yc, states, xBC = self.fwd(*(p[batch:] for p in pf), state_every=K)
-        w = self.fwd.conv_weight.shape[-1]
-        tails = F.pad(xBC, (0, 0, w - 1, 0)).unfold(1, w - 1, K)[:, :L // K].transpose(2, 3)
+        yc, states, xc = self.mix(*fwd(z[batch:], xBC[batch:], dt[batch:]), FWD, state_every=K)
+        w = self.conv_weight.shape[-1]
+        tails = F.pad(xc, (0, 0, 0, 0, w - 1, 0)).unfold(1, w - 1, K)[:, :L // K].movedim(-1, 2)
         starts = torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1)
-        yn = from_blocks(self.fwd(*(to_blocks(p[:batch], K) for p in pf), tails.flatten(0, 1), starts.flatten(0, 1))[0],
-                         batch)
+        yn = from_blocks(self.mix(*(to_blocks(p, K) for p in fwd(z[:batch], xBC[:batch], dt[:batch])), FWD,
+                                  tails.flatten(0, 1), starts.flatten(0, 1))[0], batch)
         # backward direction: confined to each block, both streams in one call
-        yb = from_blocks(self.bwd(*(to_blocks(p, K) for p in pb))[0], 2 * batch)
+        yb = from_blocks(self.mix(*(to_blocks(p[:, :, BWD], K) for p in (z, xBC, dt)), BWD)[0], 2 * batch)
         y = self.out_proj(torch.cat([torch.cat([yn, yc]), yb], dim=-1))
         return y[:batch], y[batch:]
 
     def step(self, u, entry, commit, pos):
-        """One block of K given the cache entry {tail, state}; commit=True advances the entry. (pos, the
-        committed length, is for attention layers.)"""
-        pf, pb = self.project(u)
-        y, states, xBC = self.fwd(*pf, entry["tail"], entry["state"], state_every=u.shape[1] if commit else None)
+        """One block of K given the cache entry {tail, state}; commit=True advances the entry. Both directions
+        in one call: the entry holds direction 1's tail and state as zeros, which confine it to the block.
+        (pos, the committed length, is for attention layers.)"""
+        z, xBC, dt = self.project(u)
+        y, states, _ = self.mix(z, xBC, dt, BOTH, entry["tail"], entry["state"],
+                                state_every=u.shape[1] if commit else None)
         if commit:  # in place: the cache is a fixed set of tensors (a CUDA graph can replay this)
-            entry["state"].copy_(states[:, -1])
-            window = torch.cat([entry["tail"].to(xBC.dtype), xBC], dim=1)
-            entry["tail"].copy_(window[:, window.shape[1] - entry["tail"].shape[1]:])
-        return self.out_proj(torch.cat([y, self.bwd(*pb)[0]], dim=-1))
+            entry["state"][:, 0].copy_(states[:, -1, 0])
+            window = torch.cat([entry["tail"][:, :, 0].to(xBC.dtype), xBC[:, :, 0]], dim=1)
+            entry["tail"][:, :, 0].copy_(window[:, window.shape[1] - entry["tail"].shape[1]:])
+        return self.out_proj(y)
 
     def new_entry(self, batch, capacity, device, dtype):
-        f = self.fwd
-        return dict(tail=torch.zeros(batch, f.conv_weight.shape[-1] - 1, f.conv_dim, device=device, dtype=dtype),
-                    state=torch.zeros(batch, f.nheads, f.headdim, f.dstate, device=device))
+        return dict(tail=torch.zeros(batch, self.conv_weight.shape[-1] - 1, 2, self.conv_dim, device=device, dtype=dtype),
+                    state=torch.zeros(batch, 2, self.nheads, self.headdim, self.dstate, device=device))
 
 
 def rope(x, pos):
@@ -315,7 +317,8 @@ class Block(nn.Module):
 
 class Cache:
     """What block inference keeps of the committed text: per Mamba layer the forward direction's scan
-    state and conv tail (constant size), per attention layer the keys and values, in buffers of room for
+    state and conv tail (constant size; beside them the backward direction's, kept zero, so that one call
+    serves both directions), per attention layer the keys and values, in buffers of room for
     `capacity` tokens. length counts the committed tokens; pos holds the same count on the device, where
     the attention layers read it: replayed from a CUDA graph, a call finds it there."""
 

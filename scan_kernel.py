@@ -54,11 +54,15 @@ How the kernels run it:
     its own adjoint) and its sum of dt A, _pass_kernel chains them (S <- exp(sum of dt A) S + local), and a
     second launch starts every segment from its true state.
   - reverse=True runs the same kernels with position i read from seqlen - 1 - i: no flipped copies.
+  - Both directions of the bidirectional mixer run in one launch: with a direction axis, a program's head
+    is one of the (direction, head) pairs, and direction 1 reads its positions the other way. Twice the
+    programs, half the launches (a block step is made of small launches, each far from filling the GPU).
   - With dt_bias, dt arrives raw and the kernels use softplus(dt + dt_bias), saving the separate
     elementwise passes (and their backward) that the mixer would otherwise launch.
 """
 
 import functools
+import math
 import numbers
 import os
 from contextlib import nullcontext
@@ -83,7 +87,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_args(x, dt, A, B, C, D, initial_state, dt_bias, state_every, dtypes):
-    """Validate the arguments of a scan; return (batch, seqlen, nheads, headdim, ngroups, dstate)."""
+    """Validate the arguments of a scan; return (batch, seqlen, nheads, headdim, ngroups, dstate), nheads
+    and ngroups those of one direction."""
     named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state, dt_bias=dt_bias)
     for name, t in named.items():
         if t is None and name in ("D", "initial_state", "dt_bias"):
@@ -95,14 +100,17 @@ def _check_args(x, dt, A, B, C, D, initial_state, dt_bias, state_every, dtypes):
             raise ValueError(f"{name} must have a floating dtype ({allowed}), got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share a device")
-    if x.dim() != 4 or 0 in x.shape:
-        raise ValueError(f"x must have shape (batch, seqlen, nheads, headdim) with no empty dim, got {tuple(x.shape)}")
-    batch, seqlen, nheads, headdim = x.shape
-    if B.dim() != 4 or tuple(B.shape[:2]) != (batch, seqlen) or 0 in B.shape:
-        raise ValueError(f"B must have shape (batch={batch}, seqlen={seqlen}, ngroups, dstate), got {tuple(B.shape)}")
-    ngroups, dstate = B.shape[2], B.shape[3]
-    expected = dict(dt=(batch, seqlen, nheads), A=(nheads,), C=(batch, seqlen, ngroups, dstate), D=(nheads,),
-                    initial_state=(batch, nheads, headdim, dstate), dt_bias=(nheads,))
+    if x.dim() not in (4, 5) or 0 in x.shape or (x.dim() == 5 and x.shape[2] > 2):
+        raise ValueError("x must have shape (batch, seqlen, nheads, headdim), or (batch, seqlen, ndir, nheads, "
+                         f"headdim) with ndir 1 or 2, with no empty dim, got {tuple(x.shape)}")
+    batch, seqlen, *dirs, nheads, headdim = x.shape  # dirs: [ndir] with a direction axis, else []
+    lead = (batch, seqlen, *dirs)
+    if B.dim() != len(lead) + 2 or tuple(B.shape[:-2]) != lead or 0 in B.shape:
+        want = f"batch={batch}, seqlen={seqlen}, " + "".join(f"ndir={n}, " for n in dirs)
+        raise ValueError(f"B must have shape ({want}ngroups, dstate), got {tuple(B.shape)}")
+    ngroups, dstate = B.shape[-2:]
+    expected = dict(dt=(*lead, nheads), A=(*dirs, nheads), C=(*lead, ngroups, dstate), D=(*dirs, nheads),
+                    initial_state=(batch, *dirs, nheads, headdim, dstate), dt_bias=(*dirs, nheads))
     for name, shape in expected.items():
         t = named[name]
         if t is not None and tuple(t.shape) != shape:
@@ -117,10 +125,23 @@ def _check_args(x, dt, A, B, C, D, initial_state, dt_bias, state_every, dtypes):
     return batch, seqlen, nheads, headdim, ngroups, dstate
 
 
+def _each_direction(scan, x, dt, A, B, C, D, initial_state, reverse, state_every, dt_bias):
+    """scan over inputs with a direction axis, one direction at a time (direction 0 as reverse says,
+    direction 1 the other way), the outputs stacked on that axis again."""
+    pick = lambda t, d, axis: None if t is None else t.select(axis, d)
+    outs = [scan(x[:, :, d], dt[:, :, d], A[d], B[:, :, d], C[:, :, d], pick(D, d, 0), pick(initial_state, d, 1),
+                 reverse != (d == 1), state_every, pick(dt_bias, d, 0)) for d in range(x.shape[2])]
+    if state_every is None:
+        return torch.stack(outs, 2)
+    return torch.stack([y for y, _ in outs], 2), torch.stack([s for _, s in outs], 2)
+
+
 def selective_scan_ref(x, dt, A, B, C, D=None, initial_state=None, reverse=False, state_every=None, dt_bias=None):
     """The definition: a plain loop over positions, in float32 (float64 for float64 inputs)."""
     batch, seqlen, nheads, headdim, ngroups, dstate = _check_args(
         x, dt, A, B, C, D, initial_state, dt_bias, state_every, FLOAT_DTYPES + (torch.float64,))
+    if x.dim() == 5:
+        return _each_direction(selective_scan_ref, x, dt, A, B, C, D, initial_state, reverse, state_every, dt_bias)
     f = torch.float64 if x.dtype == torch.float64 else torch.float32
     B = B.to(f).repeat_interleave(nheads // ngroups, dim=2)
     C = C.to(f).repeat_interleave(nheads // ngroups, dim=2)
@@ -173,6 +194,9 @@ def selective_scan_chunked(x, dt, A, B, C, D=None, initial_state=None, reverse=F
     steps the kernels take, differentiable by autograd: the scan of CPU training, and a fast reference."""
     batch, seqlen, nheads, headdim, ngroups, dstate = _check_args(
         x, dt, A, B, C, D, initial_state, dt_bias, state_every, FLOAT_DTYPES + (torch.float64,))
+    if x.dim() == 5:
+        return _each_direction(selective_scan_chunked, x, dt, A, B, C, D, initial_state, reverse, state_every,
+                               dt_bias)
     f = torch.float64 if x.dtype == torch.float64 else torch.float32
     L = _chunk_len(seqlen, state_every)
     nc, r = -(-seqlen // L), nheads // ngroups
@@ -227,27 +251,26 @@ def _dot(a, b, DTYPE: tl.constexpr, DOT_F32: tl.constexpr, acc=None):
 
 
 @triton.jit
-def _rows(c, offs_l, seqlen, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
-    """The tile rows that hold chunk c (scan order), and their positions in memory."""
+def _rows(c, offs_l, seqlen, CHUNK: tl.constexpr, rev):
+    """The tile rows that hold chunk c (scan order), and their positions in memory (last to first if rev)."""
     i = c * CHUNK + offs_l
     valid = (offs_l < CHUNK) & (i < seqlen)
-    return valid, (seqlen - 1 - i if REVERSE else i).to(tl.int64)
+    return valid, tl.where(rev, seqlen - 1 - i, i).to(tl.int64)
 
 
 @triton.jit
-def _rows_within(c, c0, c1, offs_l, seqlen, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+def _rows_within(c, c0, c1, offs_l, seqlen, CHUNK: tl.constexpr, rev):
     """_rows, none of them unless c0 <= c < c1: the loops' loads a chunk ahead run past their segment."""
-    valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
+    valid, pos = _rows(c, offs_l, seqlen, CHUNK, rev)
     i = c * CHUNK + offs_l
     return valid & (i >= c0 * CHUNK) & (i < c1 * CHUNK), pos
 
 
 @triton.jit
-def _load_chunk(base, stride_l, c, c0, c1, seqlen, offs_l, offs_col, ncols, CHUNK: tl.constexpr,
-                REVERSE: tl.constexpr):
+def _load_chunk(base, stride_l, c, c0, c1, seqlen, offs_l, offs_col, ncols, CHUNK: tl.constexpr, rev):
     """Rows of chunk c (scan order) of a (seqlen, ncols) slice at base (x, dy: headdim; B, C: dstate),
     columns offs_col; zeros unless c0 <= c < c1."""
-    valid, pos = _rows_within(c, c0, c1, offs_l, seqlen, CHUNK, REVERSE)
+    valid, pos = _rows_within(c, c0, c1, offs_l, seqlen, CHUNK, rev)
     return tl.load(base + pos[:, None] * stride_l + offs_col[None, :],
                    mask=valid[:, None] & (offs_col[None, :] < ncols), other=0.0)
 
@@ -269,11 +292,20 @@ def _dt(raw, valid, dt_bias, HAS_DT_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _load_dt(dt_base, sdt_l, c, c0, c1, seqlen, offs_l, dt_bias, CHUNK: tl.constexpr, REVERSE: tl.constexpr,
+def _load_dt(dt_base, sdt_l, c, c0, c1, seqlen, offs_l, dt_bias, CHUNK: tl.constexpr, rev,
              HAS_DT_BIAS: tl.constexpr):
     """dt over chunk c (scan order), float32; zeros unless c0 <= c < c1."""
-    valid, pos = _rows_within(c, c0, c1, offs_l, seqlen, CHUNK, REVERSE)
+    valid, pos = _rows_within(c, c0, c1, offs_l, seqlen, CHUNK, rev)
     return _dt(tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0), valid, dt_bias, HAS_DT_BIAS)
+
+
+@triton.jit
+def _head(h, dir_heads, heads_per_group, REVERSE: tl.constexpr):
+    """Head h of all directions' heads: its direction d, its head and group within d, and whether it scans
+    last to first (direction 0 as REVERSE says, direction 1 the other way)."""
+    d = h // dir_heads
+    hd = h % dir_heads
+    return d, hd, hd // heads_per_group, (d == 1) != REVERSE
 
 
 @triton.jit
@@ -310,8 +342,8 @@ def _step_back(R, dy, Cm, cs, a_tot, DTYPE: tl.constexpr, DOT_F32: tl.constexpr)
 @triton.jit
 def _scan_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr, start_ptr, states_ptr, pairs_ptr, logdecay_ptr,
-    seqlen, nheads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
-    sx_b, sx_l, sx_h, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sC_b, sC_l, sC_g,
+    seqlen, nheads, dir_heads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
+    sx_b, sx_l, sx_d, sx_h, sdt_b, sdt_l, sdt_d, sdt_h, sB_b, sB_l, sB_d, sB_g, sC_b, sC_l, sC_d, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_START: tl.constexpr, WRITE_Y: tl.constexpr,
     WRITE_STATES: tl.constexpr, WRITE_PAIRS: tl.constexpr, WRITE_LOGDECAY: tl.constexpr, REVERSE: tl.constexpr,
@@ -321,7 +353,7 @@ def _scan_fwd_kernel(
     # segment's sum of dt A, (batch, nseg, nheads) (every headdim tile writes the same value)
     bh, pid_p, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // nheads, bh % nheads
-    g = h // heads_per_group
+    d, hd, g, rev = _head(h, dir_heads, heads_per_group, REVERSE)
     nseg = tl.num_programs(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
     c0 = seg * seg_chunks
@@ -332,10 +364,10 @@ def _scan_fwd_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mask_pn = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
-    x_base = x_ptr + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
-    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + h.to(tl.int64) * sdt_h
-    B_base = B_ptr + b.to(tl.int64) * sB_b + g.to(tl.int64) * sB_g
-    C_base = C_ptr + b.to(tl.int64) * sC_b + g.to(tl.int64) * sC_g
+    x_base = x_ptr + b.to(tl.int64) * sx_b + d.to(tl.int64) * sx_d + hd.to(tl.int64) * sx_h
+    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + d.to(tl.int64) * sdt_d + hd.to(tl.int64) * sdt_h
+    B_base = B_ptr + b.to(tl.int64) * sB_b + d.to(tl.int64) * sB_d + g.to(tl.int64) * sB_g
+    C_base = C_ptr + b.to(tl.int64) * sC_b + d.to(tl.int64) * sC_d + g.to(tl.int64) * sC_g
     pn = offs_p[:, None] * dstate + offs_n[None, :]
     A = tl.load(A_ptr + h).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32) if HAS_DT_BIAS else 0.0
@@ -348,12 +380,12 @@ def _scan_fwd_kernel(
 
     # x feeds elementwise math as well as products, so Triton's pipeliner leaves its load in the iteration
     # that uses it, where the warps would wait for it: it is loaded one chunk ahead instead
-    x_next = _load_chunk(x_base, sx_l, c0, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
+    x_next = _load_chunk(x_base, sx_l, c0, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, rev)
     logdecay = 0.0
     for c in range(c0, c1):
         x = x_next
-        x_next = _load_chunk(x_base, sx_l, c + 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
-        valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
+        x_next = _load_chunk(x_base, sx_l, c + 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, rev)
+        valid, pos = _rows(c, offs_l, seqlen, CHUNK, rev)
         mask_lp = valid[:, None] & (offs_p[None, :] < headdim)
         mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
         dt = _dt(tl.load(dt_base + pos * sdt_l, mask=valid, other=0.0), valid, dt_bias, HAS_DT_BIAS)
@@ -394,8 +426,8 @@ def _scan_fwd_kernel(
 @triton.jit
 def _scan_adj_kernel(
     dt_ptr, A_ptr, dt_bias_ptr, C_ptr, dy_ptr, dstates_ptr, rend_ptr, pair_adj_ptr, rout_ptr,
-    seqlen, nheads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
-    sdt_b, sdt_l, sdt_h, sC_b, sC_l, sC_g,
+    seqlen, nheads, dir_heads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
+    sdt_b, sdt_l, sdt_d, sdt_h, sC_b, sC_l, sC_d, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, HAS_DSTATES: tl.constexpr, HAS_REND: tl.constexpr, WRITE_ADJ: tl.constexpr,
     REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
@@ -404,7 +436,7 @@ def _scan_adj_kernel(
     # R = dL/dS at the chunk's end. Without rend, R starts from zero: the segment's own adjoint.
     bh, pid_p, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // nheads, bh % nheads
-    g = h // heads_per_group
+    d, hd, g, rev = _head(h, dir_heads, heads_per_group, REVERSE)
     nseg = tl.num_programs(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
     c0 = seg * seg_chunks
@@ -417,8 +449,8 @@ def _scan_adj_kernel(
     mask_pn = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
     pn = offs_p[:, None] * dstate + offs_n[None, :]
     PN = headdim * dstate
-    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + h.to(tl.int64) * sdt_h
-    C_base = C_ptr + b.to(tl.int64) * sC_b + g.to(tl.int64) * sC_g
+    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + d.to(tl.int64) * sdt_d + hd.to(tl.int64) * sdt_h
+    C_base = C_ptr + b.to(tl.int64) * sC_b + d.to(tl.int64) * sC_d + g.to(tl.int64) * sC_g
     dy_base = dy_ptr + b.to(tl.int64) * seqlen * nheads * headdim + h * headdim
     A = tl.load(A_ptr + h).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32) if HAS_DT_BIAS else 0.0
@@ -429,15 +461,15 @@ def _scan_adj_kernel(
         R = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
     # dy and dt are loaded a chunk ahead, as x in the forward kernel: their latency hides behind a chunk's work
-    dy_next = _load_chunk(dy_base, nheads * headdim, c1 - 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
-    dt_next = _load_dt(dt_base, sdt_l, c1 - 1, c0, c1, seqlen, offs_l, dt_bias, CHUNK, REVERSE, HAS_DT_BIAS)
+    dy_next = _load_chunk(dy_base, nheads * headdim, c1 - 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK, rev)
+    dt_next = _load_dt(dt_base, sdt_l, c1 - 1, c0, c1, seqlen, offs_l, dt_bias, CHUNK, rev, HAS_DT_BIAS)
     for k in range(c1 - c0):
         c = c1 - 1 - k
         dy, dt = dy_next, dt_next
         dy_next = _load_chunk(dy_base, nheads * headdim, c - 1, c0, c1, seqlen, offs_l, offs_p, headdim, CHUNK,
-                              REVERSE)
-        dt_next = _load_dt(dt_base, sdt_l, c - 1, c0, c1, seqlen, offs_l, dt_bias, CHUNK, REVERSE, HAS_DT_BIAS)
-        valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
+                              rev)
+        dt_next = _load_dt(dt_base, sdt_l, c - 1, c0, c1, seqlen, offs_l, dt_bias, CHUNK, rev, HAS_DT_BIAS)
+        valid, pos = _rows(c, offs_l, seqlen, CHUNK, rev)
         mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
         Cm = tl.load(C_base + pos[:, None] * sC_l + offs_n[None, :], mask=mask_ln, other=0.0)
         a = dt * A
@@ -460,8 +492,8 @@ def _scan_adj_kernel(
 def _scan_grad_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, dy_ptr, init_ptr, dstates_ptr, pair_states_ptr,
     pair_adj_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dhead_ptr,
-    batch, seqlen, nheads, headdim, dstate, heads_per_group, every, nstates,
-    sx_b, sx_l, sx_h, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sC_b, sC_l, sC_g,
+    batch, seqlen, nheads, dir_heads, headdim, dstate, heads_per_group, every, nstates,
+    sx_b, sx_l, sx_d, sx_h, sdt_b, sdt_l, sdt_d, sdt_h, sB_b, sB_l, sB_d, sB_g, sC_b, sC_l, sC_d, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DSTATES: tl.constexpr,
     REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
@@ -474,7 +506,7 @@ def _scan_grad_kernel(
     pid, pid_p = tl.program_id(0), tl.program_id(1)
     bh, c = pid % (batch * nheads), pid // (batch * nheads)
     b, h = bh // nheads, bh % nheads
-    g = h // heads_per_group
+    d, hd, g, rev = _head(h, dir_heads, heads_per_group, REVERSE)
     nptiles = tl.num_programs(1)
     nchunks = tl.cdiv(seqlen, CHUNK)
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -482,7 +514,7 @@ def _scan_grad_kernel(
     offs_l = tl.arange(0, BLOCK_L)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    valid, pos = _rows(c, offs_l, seqlen, CHUNK, REVERSE)
+    valid, pos = _rows(c, offs_l, seqlen, CHUNK, rev)
     mask_lp = valid[:, None] & (offs_p[None, :] < headdim)
     mask_ln = valid[:, None] & (offs_n[None, :] < dstate)
     mask_pn = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
@@ -490,10 +522,10 @@ def _scan_grad_kernel(
     PN = headdim * dstate
     A = tl.load(A_ptr + h).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32) if HAS_DT_BIAS else 0.0
-    x_base = x_ptr + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
-    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + h.to(tl.int64) * sdt_h
-    B_base = B_ptr + b.to(tl.int64) * sB_b + g.to(tl.int64) * sB_g
-    C_base = C_ptr + b.to(tl.int64) * sC_b + g.to(tl.int64) * sC_g
+    x_base = x_ptr + b.to(tl.int64) * sx_b + d.to(tl.int64) * sx_d + hd.to(tl.int64) * sx_h
+    dt_base = dt_ptr + b.to(tl.int64) * sdt_b + d.to(tl.int64) * sdt_d + hd.to(tl.int64) * sdt_h
+    B_base = B_ptr + b.to(tl.int64) * sB_b + d.to(tl.int64) * sB_d + g.to(tl.int64) * sB_g
+    C_base = C_ptr + b.to(tl.int64) * sC_b + d.to(tl.int64) * sC_d + g.to(tl.int64) * sC_g
     dy_base = dy_ptr + b.to(tl.int64) * seqlen * nheads * headdim + h * headdim
 
     # The forward state S at the chunk's start and the adjoint R at its end. Both are stored only at the
@@ -511,17 +543,17 @@ def _scan_grad_kernel(
         S = tl.zeros((BLOCK_P, BLOCK_N), dtype=SDTYPE)
     R = tl.load(pair_adj_ptr + pair_row * PN + pn, mask=mask_pn, other=0.0)
     if c % 2 == 1:
-        dt_prev = _load_dt(dt_base, sdt_l, c - 1, 0, nchunks, seqlen, offs_l, dt_bias, CHUNK, REVERSE, HAS_DT_BIAS)
-        x_prev = _load_chunk(x_base, sx_l, c - 1, 0, nchunks, seqlen, offs_l, offs_p, headdim, CHUNK, REVERSE)
-        B_prev = _load_chunk(B_base, sB_l, c - 1, 0, nchunks, seqlen, offs_l, offs_n, dstate, CHUNK, REVERSE)
+        dt_prev = _load_dt(dt_base, sdt_l, c - 1, 0, nchunks, seqlen, offs_l, dt_bias, CHUNK, rev, HAS_DT_BIAS)
+        x_prev = _load_chunk(x_base, sx_l, c - 1, 0, nchunks, seqlen, offs_l, offs_p, headdim, CHUNK, rev)
+        B_prev = _load_chunk(B_base, sB_l, c - 1, 0, nchunks, seqlen, offs_l, offs_n, dstate, CHUNK, rev)
         a = dt_prev * A
         S = _step(S.to(tl.float32), x_prev, B_prev, dt_prev, tl.cumsum(a, 0), tl.sum(a, 0), DTYPE, DOT_F32)
         S = S.to(SDTYPE)
     else:
-        a = _load_dt(dt_base, sdt_l, c + 1, 0, nchunks, seqlen, offs_l, dt_bias, CHUNK, REVERSE, HAS_DT_BIAS) * A
+        a = _load_dt(dt_base, sdt_l, c + 1, 0, nchunks, seqlen, offs_l, dt_bias, CHUNK, rev, HAS_DT_BIAS) * A
         dy_next = _load_chunk(dy_base, nheads * headdim, c + 1, 0, nchunks, seqlen, offs_l, offs_p, headdim, CHUNK,
-                              REVERSE)
-        C_next = _load_chunk(C_base, sC_l, c + 1, 0, nchunks, seqlen, offs_l, offs_n, dstate, CHUNK, REVERSE)
+                              rev)
+        C_next = _load_chunk(C_base, sC_l, c + 1, 0, nchunks, seqlen, offs_l, offs_n, dstate, CHUNK, rev)
         R = _step_back(R.to(tl.float32), dy_next, C_next, tl.cumsum(a, 0), tl.sum(a, 0), DTYPE, DOT_F32)
         if HAS_DSTATES:  # a returned state ends this chunk
             if ((c + 1) % every == 0) & (c + 1 < nchunks):
@@ -647,8 +679,20 @@ class _Plan:
         self.nseg = -(-self.nchunks // self.seg_chunks)
 
 
+def _with_direction_axis(x, *others):
+    """x (batch, seqlen, [ndir,] nheads, headdim) and tensors laid out alike (dt, B, C, dy), each with a
+    direction axis at dim 2: of size 1 where x has none."""
+    return [x, *others] if x.dim() == 5 else [t.unsqueeze(2) for t in (x, *others)]
+
+
 def _strides(x, dt, B, C):
-    return (*x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3])
+    """The strides the kernels take, of x, dt, B and C with their direction axes."""
+    return (*x.stride()[:4], *dt.stride(), *B.stride()[:4], *C.stride()[:4])
+
+
+def _geometry(x, B):
+    """(batch, seqlen, ndir, dir_heads, headdim, ngroups, dstate) of x and B with their direction axes."""
+    return (*x.shape, *B.shape[3:])
 
 
 def _empty(t):
@@ -659,12 +703,12 @@ def _empty(t):
 def _outputs(plan, x, state_every, for_backward):
     """The forward's outputs, unwritten: y; the states every state_every positions (float32); with
     for_backward the states after every second chunk and at the end, in x's precision; with segments
-    each one's sum of dt A (float32). Absent ones are empty."""
-    batch, seqlen, nheads, headdim = x.shape
-    dstate = plan.dstate
+    each one's sum of dt A (float32). Absent ones are empty. (Every direction's heads count in nheads.)"""
+    batch, seqlen, *heads, headdim = x.shape
+    nheads, dstate = math.prod(heads), plan.dstate
     f32 = dict(dtype=torch.float32)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    states = (x.new_empty(batch, seqlen // state_every, nheads, headdim, dstate, **f32) if state_every
+    states = (x.new_empty(batch, seqlen // state_every, *heads, headdim, dstate, **f32) if state_every
               else _empty(x))
     pairs = x.new_empty(batch, -(-plan.nchunks // 2), nheads, headdim, dstate) if for_backward else _empty(x)
     logdecay = x.new_empty(batch, plan.nseg, nheads, **f32) if plan.nseg > 1 else _empty(x)
@@ -680,14 +724,14 @@ def _run_fwd(plan, x, dt, A, B, C, D, dt_bias, start, y, states, pairs, logdecay
     Writes whichever outputs are given: y; the states after every `every` chunks and at the end; the
     states after every second chunk and at the end; each segment's sum of dt A in scan order. coarse > 1
     (states only, dividing plan.seg_chunks) walks chunks that many times longer."""
-    batch, seqlen, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2:]
+    batch, seqlen, ndir, dir_heads, headdim, ngroups, dstate = _geometry(x, B)
     chunk = plan.chunk * coarse
     nstates = 0 if states is None else states.shape[1]
-    grid = (batch * nheads, -(-headdim // plan.block_p), plan.nseg)
+    grid = (batch * ndir * dir_heads, -(-headdim // plan.block_p), plan.nseg)
     _scan_fwd_kernel[grid](
         x, dt, A, B, C, D, dt_bias, y, start, states, pairs, logdecay,
-        seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks // coarse, every or 1, nstates,
+        seqlen, ndir * dir_heads, dir_heads, headdim, dstate, dir_heads // ngroups, plan.seg_chunks // coarse,
+        every or 1, nstates,
         *_strides(x, dt, B, C),
         CHUNK=chunk, BLOCK_L=_tile(chunk), BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
         HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, HAS_START=start is not None, WRITE_Y=y is not None,
@@ -701,15 +745,15 @@ def _run_adj(plan, dt, A, dt_bias, C, dy, dstates, every, rend, pair_adj, coarse
     Writes R at the end of every pair of chunks into pair_adj unless it is None; returns R entering each
     segment. coarse > 1 (no pair_adj; dividing plan.seg_chunks, and every if there are dstates) walks chunks
     that many times longer, as _run_fwd."""
-    batch, seqlen, nheads, headdim = dy.shape
-    ngroups, dstate = C.shape[2:]
+    batch, seqlen, ndir, dir_heads, headdim, ngroups, dstate = _geometry(dy, C)
+    nheads = ndir * dir_heads
     chunk = plan.chunk * coarse
     rout = dy.new_empty(batch, plan.nseg, nheads, headdim, dstate, dtype=torch.float32)
     grid = (batch * nheads, -(-headdim // plan.block_p), plan.nseg)
     _scan_adj_kernel[grid](
         dt, A, dt_bias, C, dy, dstates, rend, pair_adj, rout,
-        seqlen, nheads, headdim, dstate, nheads // ngroups, plan.seg_chunks // coarse, max(1, every // coarse),
-        plan.nchunks // every, *dt.stride(), *C.stride()[:3],
+        seqlen, nheads, dir_heads, headdim, dstate, dir_heads // ngroups, plan.seg_chunks // coarse,
+        max(1, every // coarse), plan.nchunks // every, *dt.stride(), *C.stride()[:4],
         CHUNK=chunk, BLOCK_L=_tile(chunk), BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
         HAS_DT_BIAS=dt_bias is not None, HAS_DSTATES=dstates is not None, HAS_REND=rend is not None,
         WRITE_ADJ=pair_adj is not None, REVERSE=plan.reverse, DOT_F32=INTERPRET,
@@ -729,10 +773,11 @@ def _pass(local, logdecay, init, reverse):
 
 
 def _plan(x, B, state_every, reverse):
-    """The plan of a scan of x and B (state_every 0: no returned states). Under torch.compile the sizes
-    may be symbols; the plan takes their values (a guard: a new shape is traced anew, as the kernels'
-    tiles depend on it)."""
-    return _cached_plan(*map(int, x.shape), int(B.shape[3]), state_every or None, reverse)
+    """The plan of a scan of x and B (state_every 0: no returned states); every direction's heads count.
+    Under torch.compile the sizes may be symbols; the plan takes their values (a guard: a new shape is
+    traced anew, as the kernels' tiles depend on it)."""
+    batch, seqlen, *heads, headdim = map(int, x.shape)
+    return _cached_plan(batch, seqlen, math.prod(heads), headdim, int(B.shape[-1]), state_every or None, reverse)
 
 
 _cached_plan = functools.lru_cache(maxsize=1024)(_Plan)  # a model makes the same few plans every step
@@ -743,23 +788,27 @@ def _forward(x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every, fo
     segment's log-decay; absent outputs are empty."""
     plan = _plan(x, B, state_every, reverse)
     y, states, pairs, logdecay = _outputs(plan, x, state_every, for_backward)
+    x, dt, B, C = _with_direction_axis(x, dt, B, C)
     start = initial_state
     if plan.nseg > 1:  # each segment's own final state, then chained
         k = plan.coarse if x.element_size() == 2 else 1
-        local = x.new_empty(*logdecay.shape, x.shape[3], plan.dstate, dtype=torch.float32)
+        local = x.new_empty(*logdecay.shape, x.shape[-1], plan.dstate, dtype=torch.float32)
         _run_fwd(plan, x, dt, A, B, C, D, dt_bias, None, None, local, None, logdecay, plan.seg_chunks // k, coarse=k)
         start = _pass(local, logdecay, initial_state, False)
-    _run_fwd(plan, x, dt, A, B, C, D, dt_bias, start, y, _none_if_empty(states), _none_if_empty(pairs), None,
-             state_every // plan.chunk)
+    _run_fwd(plan, x, dt, A, B, C, D, dt_bias, start, _with_direction_axis(y)[0], _none_if_empty(states),
+             _none_if_empty(pairs), None, state_every // plan.chunk)
     return y, states, pairs, logdecay
 
 
 def _backward(x, dt, A, B, C, D, initial_state, dt_bias, pair_states, logdecay, dy, dstates, reverse, state_every):
-    """The gradients of x, dt, A, B, C, D, initial_state and dt_bias (empty where the input is None)."""
+    """The gradients of x, dt, A, B, C, D, initial_state and dt_bias (empty where the input is None), each
+    shaped like its input."""
     plan = _plan(x, B, state_every, reverse)
-    batch, seqlen, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2:]
-    dy = torch.zeros_like(x) if dy is None else dy.contiguous()
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dy = torch.zeros_like(dx) if dy is None else dy.contiguous()
+    x5, dt5, B5, C5, dy5, dx5 = _with_direction_axis(x, dt, B, C, dy, dx)
+    batch, seqlen, ndir, dir_heads, headdim, ngroups, dstate = _geometry(x5, B5)
+    nheads = ndir * dir_heads
     dstates = None if dstates is None or dstates.numel() == 0 else dstates.contiguous()
     every = state_every // plan.chunk if state_every else 1
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -769,30 +818,30 @@ def _backward(x, dt, A, B, C, D, initial_state, dt_bias, pair_states, logdecay, 
     rend = None
     if plan.nseg > 1:  # each segment's own adjoint, then chained from the last segment back
         k = plan.coarse if x.element_size() == 2 and (dstates is None or every % plan.coarse == 0) else 1
-        rend = _pass(_run_adj(plan, dt, A, dt_bias, C, dy, dstates, every, None, None, coarse=k), logdecay, None,
+        rend = _pass(_run_adj(plan, dt5, A, dt_bias, C5, dy5, dstates, every, None, None, coarse=k), logdecay, None,
                      True)
-    rout = _run_adj(plan, dt, A, dt_bias, C, dy, dstates, every, rend, pair_adj)
+    rout = _run_adj(plan, dt5, A, dt_bias, C5, dy5, dstates, every, rend, pair_adj)
     # every chunk's gradients, side by side; with one headdim tile the kernel writes ddt in dt's precision
     nptiles = -(-headdim // plan.block_p)
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     ddt = x.new_empty(batch, seqlen, nheads, nptiles, dtype=dt.dtype if nptiles == 1 else torch.float32)
     dB = B.new_empty(batch, seqlen, nheads * nptiles, dstate)
     dC = C.new_empty(batch, seqlen, nheads * nptiles, dstate)
     dhead = torch.empty(3, batch, plan.nchunks, nheads, nptiles, **f32)
     _scan_grad_kernel[(plan.nchunks * batch * nheads, nptiles)](
-        x, dt, A, B, C, D, dt_bias, dy, initial_state, dstates, pair_states, pair_adj,
-        dx, ddt, dB, dC, dhead,
-        batch, seqlen, nheads, headdim, dstate, nheads // ngroups, every, plan.nchunks // every,
-        *_strides(x, dt, B, C),
+        x5, dt5, A, B5, C5, D, dt_bias, dy5, initial_state, dstates, pair_states, pair_adj,
+        dx5, ddt, dB, dC, dhead,
+        batch, seqlen, nheads, dir_heads, headdim, dstate, dir_heads // ngroups, every, plan.nchunks // every,
+        *_strides(x5, dt5, B5, C5),
         CHUNK=plan.chunk, BLOCK_L=plan.block_l, BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
         HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, HAS_INIT=initial_state is not None,
         HAS_DSTATES=dstates is not None, REVERSE=plan.reverse, DOT_F32=INTERPRET, num_warps=plan.warps)
     # (an operator's outputs may not share storage: each sum is a tensor of its own)
-    group_sum = lambda t: t.view(batch, seqlen, ngroups, -1, dstate).sum(3) if nheads * nptiles > ngroups else t
-    head_sum = lambda i, like: _empty(x) if like is None else dhead[i].sum((0, 1, 3)).to(like.dtype)
-    ddt = ddt.view(batch, seqlen, nheads) if nptiles == 1 else ddt.sum(3).to(dt.dtype)
-    return (dx, ddt, head_sum(0, A), group_sum(dB), group_sum(dC), head_sum(1, D),
-            _empty(x) if initial_state is None else rout[:, 0].to(initial_state.dtype), head_sum(2, dt_bias))
+    group_sum = lambda t, like: (t.view(batch, seqlen, ndir * ngroups, -1, dstate).sum(3)
+                                 if nheads * nptiles > ndir * ngroups else t).view(like.shape)
+    head_sum = lambda i, like: _empty(x) if like is None else dhead[i].sum((0, 1, 3)).to(like.dtype).view(like.shape)
+    ddt = (ddt if nptiles == 1 else ddt.sum(3).to(dt.dtype)).view(dt.shape)
+    dinit = _empty(x) if initial_state is None else rout[:, 0].to(initial_state.dtype).view(initial_state.shape)
+    return dx, ddt, head_sum(0, A), group_sum(dB, B), group_sum(dC, C), head_sum(1, D), dinit, head_sum(2, dt_bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -906,6 +955,13 @@ def selective_scan(x, dt, A, B, C, D=None, initial_state=None, reverse=False, st
     dstate) or None; dt_bias: (nheads,) or None, and if given dt is the raw projection and the scan uses
     softplus(dt + dt_bias). Returns y like x, or (y, states) with states (batch, seqlen // state_every,
     nheads, headdim, dstate) in float32: the state after each state_every positions, in scan order.
+
+    Both directions of a bidirectional mixer in one call: every argument with a direction axis of size
+    ndir (1 or 2) after (batch, seqlen), or first for A, D and dt_bias, after batch for initial_state; x
+    (batch, seqlen, ndir, nheads, headdim) and so on. Direction 0 scans as reverse says, direction 1 the
+    other way; y and states get the axis too. The same as one call a direction, in one launch of each
+    kernel: twice the programs, half the launches.
+
     CUDA tensors run the Triton kernels, as do CPU tensors under TRITON_INTERPRET=1; other CPU tensors
     take selective_scan_chunked."""
     if not _takes_kernels(x):
@@ -923,6 +979,7 @@ def selective_scan(x, dt, A, B, C, D=None, initial_state=None, reverse=False, st
 # ----------------------------------------------------------------------------------------------
 # the mixer's short depthwise conv and its SiLU, fused: y = silu(b + sum_j w_j x_{t-(W-1)+j}), or with
 # reverse=True the look-ahead y = silu(b + sum_j w_j x_{t+j}); inputs past the sequence come from `tail`.
+# A direction axis puts both directions of the mixer in one launch, direction a grid axis.
 # One kernel does the forward, and in GRAD mode the backward's pointwise part (dv = dy * silu'(v), v
 # recomputed) with partial sums of dw and db; dx is then the same kernel run on dv in the other
 # direction with the taps flipped (the transposed conv), and the tail's gradient is a few rows in torch.
@@ -932,55 +989,68 @@ def causal_conv_ref(x, weight, bias, tail, reverse):
     """The definition, tap by tap (on a CPU also far faster than F.conv1d's depthwise backward). x: (batch,
     seqlen, channels); weight: (channels, width); bias: (channels,); tail: (batch, width - 1, channels),
     the inputs just before the sequence (after it when reverse). Returns silu(conv), (batch, seqlen,
-    channels)."""
+    channels). With a direction axis, x (batch, seqlen, ndir, channels) and the rest alike (weight and bias
+    (ndir, ...)): direction 0 as reverse says, direction 1 the other way."""
+    if x.dim() == 4:
+        return torch.stack([causal_conv_ref(x[:, :, d], weight[d], bias[d], tail[:, :, d], reverse != (d == 1))
+                            for d in range(x.shape[2])], 2)
     padded = torch.cat([x, tail] if reverse else [tail, x], dim=1)
     v = bias.to(x.dtype) + sum(weight[:, j].to(x.dtype) * padded[:, j:j + x.shape[1]] for j in range(weight.shape[1]))
     return F.silu(v)
 
 
 @triton.jit
-def _conv_tap(x_base, tail_ptr, b, t, c, mask, j, seqlen, channels, sx_l,
-              WIDTH: tl.constexpr, REVERSE: tl.constexpr, HAS_TAIL: tl.constexpr):
+def _conv_tap(x_base, tail_base, t, c, mask, j, seqlen, sx_l, s_tail, rev, WIDTH: tl.constexpr,
+              HAS_TAIL: tl.constexpr):
     """The inputs that tap j multiplies at positions t, in float32: x, or the tail outside the sequence."""
-    p = t + j if REVERSE else t + j - (WIDTH - 1)
+    p = tl.where(rev, t + j, t + j - (WIDTH - 1))
     inside = (p >= 0) & (p < seqlen)
     src = tl.load(x_base + p.to(tl.int64)[:, None] * sx_l + c[None, :], mask=mask & inside[:, None], other=0.0)
     if HAS_TAIL:  # the tail's row p - seqlen (reverse) or p + WIDTH - 1
-        k = p - seqlen if REVERSE else p + WIDTH - 1
-        tail_base = tail_ptr + b.to(tl.int64) * (WIDTH - 1) * channels
-        src += tl.load(tail_base + k[:, None] * channels + c[None, :], mask=mask & ~inside[:, None], other=0.0)
+        k = tl.where(rev, p - seqlen, p + WIDTH - 1)
+        src += tl.load(tail_base + k[:, None] * s_tail + c[None, :], mask=mask & ~inside[:, None], other=0.0)
     return src.to(tl.float32)
 
 
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, b_ptr, tail_ptr, dy_ptr, y_ptr, dwb_ptr,
-                 seqlen, channels, sx_b, sx_l,
+                 seqlen, channels, ndir, sx_b, sx_l, sx_d,
                  WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_TAIL: tl.constexpr, SILU: tl.constexpr, GRAD: tl.constexpr):
-    # one program: one batch row, BLOCK_T positions, BLOCK_C channels. GRAD: y_ptr receives dv, and dwb_ptr
-    # this program's partial sums of dw and db, (batch * t-blocks, WIDTH + 1, channels) with db last
-    b, pid_t, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # one program: one batch row, BLOCK_T positions, BLOCK_C channels of one direction (axis 2: direction,
+    # then channel blocks). GRAD: y_ptr receives dv, and dwb_ptr this program's partial sums of dw and db,
+    # (batch * t-blocks, WIDTH + 1, ndir * channels) with db last
+    b, pid_t, pid_dc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    nblocks_c = tl.cdiv(channels, BLOCK_C)
+    d, pid_c = pid_dc // nblocks_c, pid_dc % nblocks_c
+    rev = (d == 1) != REVERSE  # direction 0 as REVERSE says, direction 1 the other way
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     in_c = c < channels
     mask = (t < seqlen)[:, None] & in_c[None, :]
-    x_base = x_ptr + b.to(tl.int64) * sx_b
+    x_base = x_ptr + b.to(tl.int64) * sx_b + d * sx_d
+    tail_base = tail_ptr
+    if HAS_TAIL:  # (batch, WIDTH - 1, ndir, channels)
+        tail_base += (b.to(tl.int64) * (WIDTH - 1) * ndir + d) * channels
+    s_tail = ndir * channels
+    w_ptr += d * channels * WIDTH
+    dc = d * channels + c  # the channel's column in the outputs and the bias, with the direction's before it
     v = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     if HAS_BIAS:
-        v += tl.load(b_ptr + c, mask=in_c, other=0.0).to(tl.float32)[None, :]
+        v += tl.load(b_ptr + dc, mask=in_c, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(WIDTH):
         w = tl.load(w_ptr + c * WIDTH + j, mask=in_c, other=0.0).to(tl.float32)
-        v += w[None, :] * _conv_tap(x_base, tail_ptr, b, t, c, mask, j, seqlen, channels, sx_l, WIDTH, REVERSE, HAS_TAIL)
-    out_rows = (b.to(tl.int64) * seqlen + t)[:, None] * channels + c[None, :]
+        v += w[None, :] * _conv_tap(x_base, tail_base, t, c, mask, j, seqlen, sx_l, s_tail, rev, WIDTH, HAS_TAIL)
+    out_rows = (b.to(tl.int64) * seqlen + t)[:, None] * (ndir * channels) + dc[None, :]
     if GRAD:
         sig = tl.sigmoid(v)
         dv = tl.load(dy_ptr + out_rows, mask=mask, other=0.0).to(tl.float32) * sig * (1 + v * (1 - sig))
         tl.store(y_ptr + out_rows, dv.to(y_ptr.dtype.element_ty), mask=mask)
-        part = dwb_ptr + (b * tl.num_programs(1) + pid_t).to(tl.int64) * (WIDTH + 1) * channels + c
-        tl.store(part + WIDTH * channels, tl.sum(dv, 0), mask=in_c)
+        part = dwb_ptr + (b * tl.num_programs(1) + pid_t).to(tl.int64) * (WIDTH + 1) * ndir * channels + dc
+        tl.store(part + WIDTH * ndir * channels, tl.sum(dv, 0), mask=in_c)
         for j in tl.static_range(WIDTH):  # the taps again (from cache) for dw_j = sum_t dv_t * tap_j
-            tap = _conv_tap(x_base, tail_ptr, b, t, c, mask, j, seqlen, channels, sx_l, WIDTH, REVERSE, HAS_TAIL)
-            tl.store(part + j * channels, tl.sum(dv * tap, 0), mask=in_c)
+            tap = _conv_tap(x_base, tail_base, t, c, mask, j, seqlen, sx_l, s_tail, rev, WIDTH, HAS_TAIL)
+            tl.store(part + j * ndir * channels, tl.sum(dv * tap, 0), mask=in_c)
     else:
         if SILU:
             v = v * tl.sigmoid(v)
@@ -988,27 +1058,36 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, tail_ptr, dy_ptr, y_ptr, dwb_ptr,
 
 
 def _conv_launch(x, weight, bias, tail, reverse, silu, out_dtype, dy=None):
-    """Run _conv_kernel over x (batch, seqlen, channels). With dy: the backward's pointwise pass; returns
-    dv and the partial sums of dw and db, (programs, width + 1, channels) with db last."""
-    batch, seqlen, channels = x.shape
-    width = weight.shape[1]
+    """Run _conv_kernel over x (batch, seqlen, ndir, channels), weight (ndir, channels, width). With dy: the
+    backward's pointwise pass; returns dv and the partial sums of dw and db, (programs, width + 1, ndir *
+    channels) with db last."""
+    batch, seqlen, ndir, channels = x.shape
+    width = weight.shape[-1]
     BLOCK_C = 128
     # 64 positions a program, or 16 where that leaves too few programs to fill the GPU (a block step)
-    BLOCK_T = 64 if batch * -(-seqlen // 64) * -(-channels // BLOCK_C) >= 256 else 16
-    grid = (batch, -(-seqlen // BLOCK_T), -(-channels // BLOCK_C))
+    nblocks_c = ndir * -(-channels // BLOCK_C)
+    BLOCK_T = 64 if batch * -(-seqlen // 64) * nblocks_c >= 256 else 16
+    grid = (batch, -(-seqlen // BLOCK_T), nblocks_c)
     grad = dy is not None
     # dv in the inputs' precision: the transposed conv reads it back, and rounds dx to that precision anyway
-    y = torch.empty(batch, seqlen, channels, device=x.device, dtype=x.dtype if grad else out_dtype)
-    dwb = x.new_empty(batch * grid[1], width + 1, channels, dtype=torch.float32) if grad else None
-    _conv_kernel[grid](x, weight, bias, tail, dy, y, dwb, seqlen, channels, x.stride(0), x.stride(1),
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype if grad else out_dtype)
+    dwb = x.new_empty(batch * grid[1], width + 1, ndir * channels, dtype=torch.float32) if grad else None
+    _conv_kernel[grid](x, weight, bias, tail, dy, y, dwb, seqlen, channels, ndir, *x.stride()[:3],
                        WIDTH=width, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, REVERSE=reverse, HAS_BIAS=bias is not None,
                        HAS_TAIL=tail is not None, SILU=silu, GRAD=grad)
     return (y, dwb) if grad else y
 
 
+def _direction_axis(x, weight):
+    """x as (batch, seqlen, ndir, channels) and weight as (ndir, channels, width): a direction axis of size
+    1 where x has none."""
+    x = x if x.dim() == 4 else x.unsqueeze(2)
+    return x, weight.view(x.shape[2], x.shape[3], weight.shape[-1])
+
+
 def _conv_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], tail: Optional[Tensor], reverse: bool) -> Tensor:
     with _on_device(x):
-        return _conv_launch(x, weight, bias, tail, reverse, True, x.dtype)
+        return _conv_launch(*_direction_axis(x, weight), bias, tail, reverse, True, x.dtype).view(x.shape)
 
 
 def _conv_fake(x, weight, bias, tail, reverse):
@@ -1017,23 +1096,27 @@ def _conv_fake(x, weight, bias, tail, reverse):
 
 def _conv_backward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], tail: Optional[Tensor], dy: Tensor,
                         reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    width, seqlen = weight.shape[1], x.shape[1]
+    x4, w3 = _direction_axis(x, weight)
+    batch, seqlen, ndir, channels = x4.shape
+    width = w3.shape[-1]
     with _on_device(x):
-        dv, dwb = _conv_launch(x, weight, bias, tail, reverse, False, None, dy.contiguous())
+        dv, dwb = _conv_launch(x4, w3, bias, tail, reverse, False, None, dy.contiguous())
         # dx_p = sum_j w_j dv_{t(p, j)}: the conv of dv in the other direction with the taps flipped
-        dx = _conv_launch(dv, weight.flip(1).contiguous(), None, None, not reverse, False, x.dtype)
+        dx = _conv_launch(dv, w3.flip(-1).contiguous(), None, None, not reverse, False, x.dtype).view(x.shape)
     dtail = _empty(x)
     if tail is not None:  # tail row k feeds output t = k - j (t = seqlen + k - j when reverse) through tap j
-        dtail = torch.zeros_like(tail, dtype=torch.float32)
-        for k in range(width - 1):
-            for j in range(width):
-                t = seqlen + k - j if reverse else k - j
-                if 0 <= t < seqlen and (j > k if reverse else j <= k):
-                    dtail[:, k] += weight[:, j].float() * dv[:, t]
-        dtail = dtail.to(tail.dtype)
+        dtail = torch.zeros(batch, width - 1, ndir, channels, device=x.device, dtype=torch.float32)
+        for d in range(ndir):
+            rev = reverse != (d == 1)
+            for k in range(width - 1):
+                for j in range(width):
+                    t = seqlen + k - j if rev else k - j
+                    if 0 <= t < seqlen and (j > k if rev else j <= k):
+                        dtail[:, k, d] += w3[d, :, j].float() * dv[:, t, d]
+        dtail = dtail.view(tail.shape).to(tail.dtype)
     dwb = dwb.sum(0)
-    dw = dwb[:width].t().contiguous().to(weight.dtype)
-    return dx, dw, _empty(x) if bias is None else dwb[width].to(bias.dtype), dtail
+    dw = dwb[:width].t().contiguous().view(weight.shape).to(weight.dtype)
+    return dx, dw, _empty(x) if bias is None else dwb[width].view(bias.shape).to(bias.dtype), dtail
 
 
 def _conv_backward_fake(x, weight, bias, tail, dy, reverse):
@@ -1059,11 +1142,14 @@ _conv = _operator("causal_conv", _conv_impl, _conv_fake, _conv_setup, _conv_grad
 def causal_conv(x, weight, bias=None, tail=None, reverse=False):
     """silu(depthwise conv of width W) over x (batch, seqlen, channels), causal, or looking ahead when
     reverse; weight (channels, W), bias (channels,) or None, tail (batch, W - 1, channels) or None (zeros):
-    the inputs just before the sequence (after it when reverse). CUDA tensors (and CPU ones under
-    TRITON_INTERPRET=1) run the fused kernel, other CPU tensors causal_conv_ref."""
+    the inputs just before the sequence (after it when reverse). Both directions of a bidirectional mixer
+    in one call: x (batch, seqlen, ndir, channels), weight (ndir, channels, W), bias (ndir, channels), tail
+    (batch, W - 1, ndir, channels); direction 0 as reverse says, direction 1 the other way. CUDA tensors
+    (and CPU ones under TRITON_INTERPRET=1) run the fused kernel, other CPU tensors causal_conv_ref."""
     if not _takes_kernels(x):
-        tail = x.new_zeros(x.shape[0], weight.shape[1] - 1, x.shape[2]) if tail is None else tail
-        return causal_conv_ref(x, weight, x.new_zeros(x.shape[2]) if bias is None else bias, tail.to(x.dtype), reverse)
+        tail = x.new_zeros(x.shape[0], weight.shape[-1] - 1, *x.shape[2:]) if tail is None else tail
+        return causal_conv_ref(x, weight, x.new_zeros(x.shape[2:]) if bias is None else bias, tail.to(x.dtype),
+                               reverse)
     tail = None if tail is None else tail.to(x.dtype).contiguous()
     return _conv(_last_dim_contiguous(x), weight.contiguous(), None if bias is None else bias.contiguous(), tail,
                  bool(reverse))
@@ -1081,33 +1167,36 @@ def gated_rms_norm_ref(y, z, weight, eps=1e-6):
 
 
 @triton.jit
-def _gated_norm_kernel(y_ptr, z_ptr, w_ptr, dout_ptr, out_ptr, dy_ptr, dz_ptr, dw_ptr, rows, d, sz_row, eps,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, GRAD: tl.constexpr):
-    # one program: ROWS rows in turn. GRAD: dy, dz, and this program's partial sum of dweight
-    pid = tl.program_id(0)
+def _gated_norm_kernel(y_ptr, z_ptr, w_ptr, dout_ptr, out_ptr, dy_ptr, dz_ptr, dw_ptr, rows, d, sz_row, sz_dir,
+                       eps, ROWS: tl.constexpr, BLOCK: tl.constexpr, GRAD: tl.constexpr):
+    # one program: ROWS rows of one direction (axis 1) in turn, y and the outputs (rows, ndir, d), z of
+    # strides (sz_row, sz_dir, 1). GRAD: dy, dz, and this program's partial sum of dweight, (programs, ndir, d)
+    pid, dr = tl.program_id(0), tl.program_id(1)
+    ndir = tl.num_programs(1)
     cols = tl.arange(0, BLOCK)
     in_d = cols < d
-    w = tl.load(w_ptr + cols, mask=in_d, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + dr * d + cols, mask=in_d, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(tl.minimum(ROWS, rows - pid * ROWS)):
         row = pid * ROWS + i
-        y = tl.load(y_ptr + row.to(tl.int64) * d + cols, mask=in_d, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + row.to(tl.int64) * sz_row + cols, mask=in_d, other=0.0).to(tl.float32)
+        at = (row.to(tl.int64) * ndir + dr) * d + cols  # in y and the outputs
+        y = tl.load(y_ptr + at, mask=in_d, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row.to(tl.int64) * sz_row + dr * sz_dir + cols, mask=in_d, other=0.0).to(tl.float32)
         sig = tl.sigmoid(z)
         g = y * z * sig
         r = 1.0 / tl.sqrt(tl.sum(g * g, 0) / d + eps)
         if GRAD:
-            dout = tl.load(dout_ptr + row.to(tl.int64) * d + cols, mask=in_d, other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + at, mask=in_d, other=0.0).to(tl.float32)
             gw = w * dout
             dg = r * gw - g * (r * r * r) * (tl.sum(g * gw, 0) / d)
-            tl.store(dy_ptr + row.to(tl.int64) * d + cols, (dg * z * sig).to(dy_ptr.dtype.element_ty), mask=in_d)
+            tl.store(dy_ptr + at, (dg * z * sig).to(dy_ptr.dtype.element_ty), mask=in_d)
             dz = dg * y * sig * (1 + z * (1 - sig))
-            tl.store(dz_ptr + row.to(tl.int64) * d + cols, dz.to(dz_ptr.dtype.element_ty), mask=in_d)
+            tl.store(dz_ptr + at, dz.to(dz_ptr.dtype.element_ty), mask=in_d)
             dw += dout * g * r
         else:
-            tl.store(out_ptr + row.to(tl.int64) * d + cols, (g * r * w).to(out_ptr.dtype.element_ty), mask=in_d)
+            tl.store(out_ptr + at, (g * r * w).to(out_ptr.dtype.element_ty), mask=in_d)
     if GRAD:
-        tl.store(dw_ptr + pid.to(tl.int64) * d + cols, dw, mask=in_d)
+        tl.store(dw_ptr + (pid.to(tl.int64) * ndir + dr) * d + cols, dw, mask=in_d)
 
 
 def _gated_norm_rows(rows, grad):
@@ -1117,16 +1206,17 @@ def _gated_norm_rows(rows, grad):
 
 
 def _gated_norm_launch(y, z, weight, eps, dout=None):
-    rows, d = y.shape
+    """y (rows, ndir, d) contiguous, z (rows, ndir, d) with its last dim contiguous, weight (ndir, d)."""
+    rows, ndir, d = y.shape
     grad = dout is not None
-    ROWS = _gated_norm_rows(rows, grad)
-    grid = (-(-rows // ROWS),)
+    ROWS = _gated_norm_rows(rows * ndir, grad)
+    grid = (-(-rows // ROWS), ndir)
     out = None if grad else torch.empty_like(y)
-    dy, dz = (torch.empty_like(y), torch.empty(rows, d, device=y.device, dtype=z.dtype)) if grad else (None, None)
-    dw = torch.empty(grid[0], d, device=y.device, dtype=torch.float32) if grad else None
-    _gated_norm_kernel[grid](y, z, weight, dout, out, dy, dz, dw, rows, d, z.stride(0), eps,
+    dy, dz = (torch.empty_like(y), torch.empty(y.shape, device=y.device, dtype=z.dtype)) if grad else (None, None)
+    dw = torch.empty(grid[0], ndir, d, device=y.device, dtype=torch.float32) if grad else None
+    _gated_norm_kernel[grid](y, z, weight, dout, out, dy, dz, dw, rows, d, z.stride(0), z.stride(1), eps,
                              ROWS=ROWS, BLOCK=_pow2(d), GRAD=grad)
-    return (dy, dz, dw.sum(0).to(weight.dtype)) if grad else out
+    return (dy, dz, dw.sum(0).view(weight.shape).to(weight.dtype)) if grad else out
 
 
 def _gated_norm_impl(y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -1164,13 +1254,17 @@ _gated_norm = _operator("gated_rms_norm", _gated_norm_impl, _gated_norm_fake, _g
 
 
 def gated_rms_norm(y, z, weight, eps=1e-6):
-    """RMSNorm(y * silu(z)) * weight over the last dim, in y's dtype; y, z: (..., d), weight: (d,). CUDA
-    tensors (and CPU ones under TRITON_INTERPRET=1) run the fused kernel, other CPU tensors the reference."""
+    """RMSNorm(y * silu(z)) * weight over the last dim, in y's dtype; y, z: (..., d), weight: (d,). With
+    weight (ndir, d), y and z are (..., ndir, d), each direction normed with its own weight: both of the
+    mixer's directions in one launch. CUDA tensors (and CPU ones under TRITON_INTERPRET=1) run the fused
+    kernel, other CPU tensors the reference."""
     if not _takes_kernels(y):
         return gated_rms_norm_ref(y, z, weight, eps)
     shape, d = y.shape, y.shape[-1]
-    z = z.reshape(-1, d)  # a view where it can be (z is a slice of in_proj's output): rows of stride z.stride(0)
-    return _gated_norm(y.reshape(-1, d).contiguous(), _last_dim_contiguous(z), weight.contiguous(), eps).view(shape)
+    ndir = weight.shape[0] if weight.dim() == 2 else 1
+    z = z.reshape(-1, ndir, d)  # a view where it can be (z is a slice of in_proj's output): strided rows
+    return _gated_norm(y.reshape(-1, ndir, d).contiguous(), _last_dim_contiguous(z), weight.contiguous(),
+                       eps).view(shape)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def model_config(args):
 
 
 # the layout of the model's parameters; a checkpoint of another would load and compute something else
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 
 def load_checkpoint(path):
