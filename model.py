@@ -151,7 +151,8 @@ class BiMamba(nn.Module):
         self.out_proj.residual = True
         # per-direction parameters, stored flat (one vector or matrix row per channel, as the optimizer's
         # weight-decay rule expects) and viewed with the direction axis where used
-        self.conv_weight = nn.Parameter(torch.empty(2 * self.conv_dim, 1, cfg.d_conv).uniform_(-1, 1) / math.sqrt(cfg.d_conv))
+        conv_weight = torch.empty(2 * self.conv_dim, 1, cfg.d_conv).uniform_(-1, 1) / math.sqrt(cfg.d_conv)
+        self.conv_weight = nn.Parameter(conv_weight)
         self.conv_bias = nn.Parameter(torch.zeros(2 * self.conv_dim))
         # Mamba's initialisation: dt log-uniform in [1e-3, 0.1] through softplus, A uniform in [-16, -1]
         dt = torch.exp(torch.empty(2 * self.nheads).uniform_(math.log(1e-3), math.log(0.1))).clamp(min=1e-4)
@@ -179,6 +180,7 @@ class BiMamba(nn.Module):
         state_every positions (or None), and the conv inputs xBC."""
         per_dir = lambda p, *shape: p.view(2, *shape)[dirs]
         reverse = dirs.start == 1
+        # direction 0: sum_j w_j xBC_{t-3+j}; direction 1: sum_j w_j xBC_{t+j}, the next 3 positions (then SiLU)
         xBC_conv = causal_conv(xBC, per_dir(self.conv_weight, self.conv_dim, -1), per_dir(self.conv_bias, -1), tail,
                                reverse)
         x, B, C = xBC_conv.split([self.d_inner, self.ngroups * self.dstate, self.ngroups * self.dstate], dim=-1)
@@ -225,7 +227,8 @@ class BiMamba(nn.Module):
         return self.out_proj(y)
 
     def new_entry(self, batch, capacity, device, dtype):
-        return dict(tail=torch.zeros(batch, self.conv_weight.shape[-1] - 1, 2, self.conv_dim, device=device, dtype=dtype),
+        width = self.conv_weight.shape[-1]
+        return dict(tail=torch.zeros(batch, width - 1, 2, self.conv_dim, device=device, dtype=dtype),
                     state=torch.zeros(batch, 2, self.nheads, self.headdim, self.dstate, device=device))
 
 

@@ -1078,7 +1078,7 @@ def _conv_launch(x, weight, bias, tail, reverse, silu, out_dtype, dy=None):
     return (y, dwb) if grad else y
 
 
-def _direction_axis(x, weight):
+def _conv_direction_axis(x, weight):
     """x as (batch, seqlen, ndir, channels) and weight as (ndir, channels, width): a direction axis of size
     1 where x has none."""
     x = x if x.dim() == 4 else x.unsqueeze(2)
@@ -1087,7 +1087,7 @@ def _direction_axis(x, weight):
 
 def _conv_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], tail: Optional[Tensor], reverse: bool) -> Tensor:
     with _on_device(x):
-        return _conv_launch(*_direction_axis(x, weight), bias, tail, reverse, True, x.dtype).view(x.shape)
+        return _conv_launch(*_conv_direction_axis(x, weight), bias, tail, reverse, True, x.dtype).view(x.shape)
 
 
 def _conv_fake(x, weight, bias, tail, reverse):
@@ -1096,7 +1096,7 @@ def _conv_fake(x, weight, bias, tail, reverse):
 
 def _conv_backward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], tail: Optional[Tensor], dy: Tensor,
                         reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x4, w3 = _direction_axis(x, weight)
+    x4, w3 = _conv_direction_axis(x, weight)
     batch, seqlen, ndir, channels = x4.shape
     width = w3.shape[-1]
     with _on_device(x):

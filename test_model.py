@@ -206,7 +206,8 @@ def test_scan_both_directions(batch, seqlen, nheads, ngroups, dtype, reverse, st
     d_inner, gn = nheads * headdim, ngroups * dstate
     xBC = torch.randn(batch, seqlen, 2, d_inner + 2 * gn, device=DEVICE).to(dtype).requires_grad_()
     x, B, C = xBC.split([d_inner, gn, gn], dim=-1)
-    inputs = dict(x=x.unflatten(-1, (nheads, headdim)), dt=2 * torch.randn(batch, seqlen, 2, nheads + 1, device=DEVICE)[..., 1:],
+    dt = 2 * torch.randn(batch, seqlen, 2, nheads + 1, device=DEVICE)[..., 1:]  # a slice, as in the model
+    inputs = dict(x=x.unflatten(-1, (nheads, headdim)), dt=dt,
                   A=-torch.exp(torch.randn(2, nheads, device=DEVICE) * 0.5), B=B.unflatten(-1, (ngroups, dstate)),
                   C=C.unflatten(-1, (ngroups, dstate)), D=torch.randn(2, nheads, device=DEVICE),
                   initial_state=torch.randn(batch, 2, nheads, headdim, dstate, device=DEVICE),
@@ -368,7 +369,8 @@ def test_conv_matches_reference(reverse, seqlen, width, channels, tail, dtype, d
     grads = torch.autograd.grad(y, leaves, dy)
     as64 = [t.detach().double().requires_grad_() for t in leaves]
     x64, w64, b64 = as64[:3]
-    t64 = as64[3] if tail is not None else torch.zeros(2, width - 1, *dirs, channels, device=DEVICE, dtype=torch.float64)
+    t64 = as64[3] if tail is not None else torch.zeros(2, width - 1, *dirs, channels, device=DEVICE,
+                                                        dtype=torch.float64)
     y_ref = scan_kernel.causal_conv_ref(x64, w64, b64, t64, reverse)
     grads_ref = torch.autograd.grad(y_ref, as64, dy.double())
     tol = tolerance(dtype)
