@@ -40,8 +40,8 @@ a difference of suffix sums, loses float32 precision on long chunks.
 
 How the kernels run it:
   - _scan_fwd_kernel: a program takes all the chunks of one (batch, head) and headdim tile in turn,
-    carrying S. When gradients will be taken it also stores S after every second chunk (pair_states),
-    in the inputs' precision: the backward keeps nothing per position.
+    carrying S. The backward first runs it again without y, storing S after every second chunk
+    (pair_states) in the inputs' precision: the forward keeps only its inputs for the backward.
   - _scan_adj_kernel walks the chunks from last to first carrying R alone, the only sequential work of the
     backward: R += dstates where a returned state ends the chunk, R is stored after every second chunk
     (pair_adj), then R_prev = exp(c_L) R + (dy * exp(c))^T C.
@@ -341,13 +341,12 @@ def _step_back(R, dy, Cm, cs, a_tot, DTYPE: tl.constexpr, DOT_F32: tl.constexpr)
 
 @triton.jit
 def _scan_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr, start_ptr, states_ptr, pairs_ptr, logdecay_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr, start_ptr, states_ptr, logdecay_ptr,
     seqlen, nheads, dir_heads, headdim, dstate, heads_per_group, seg_chunks, every, nstates,
     sx_b, sx_l, sx_d, sx_h, sdt_b, sdt_l, sdt_d, sdt_h, sB_b, sB_l, sB_d, sB_g, sC_b, sC_l, sC_d, sC_g,
     CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_START: tl.constexpr, WRITE_Y: tl.constexpr,
-    WRITE_STATES: tl.constexpr, WRITE_PAIRS: tl.constexpr, WRITE_LOGDECAY: tl.constexpr, REVERSE: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    WRITE_STATES: tl.constexpr, WRITE_LOGDECAY: tl.constexpr, REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     # one program: one (batch, head), one tile of headdim, one segment of chunks. WRITE_LOGDECAY: also the
     # segment's sum of dt A, (batch, nseg, nheads) (every headdim tile writes the same value)
@@ -412,13 +411,9 @@ def _scan_fwd_kernel(
 
         state = _step(state, x, Bm, dt, cs, a_tot, DTYPE, DOT_F32)
 
-        if WRITE_STATES:  # after every `every` chunks, and at the end
+        if WRITE_STATES:  # after every `every` chunks, and at the end, in the array's precision
             if ((c + 1) % every == 0) | (c + 1 == nchunks):
                 _store_state(states_ptr, state, b, c // every, nstates, nheads, h, pn, mask_pn, headdim * dstate)
-        if WRITE_PAIRS:  # the backward's: after every second chunk, and at the end
-            if (c % 2 == 1) | (c + 1 == nchunks):
-                _store_state(pairs_ptr, state, b, c // 2, tl.cdiv(nchunks, 2), nheads, h, pn, mask_pn,
-                             headdim * dstate)
     if WRITE_LOGDECAY:
         tl.store(logdecay_ptr + (b.to(tl.int64) * nseg + seg) * nheads + h, logdecay)
 
@@ -700,43 +695,38 @@ def _empty(t):
     return t.new_empty(0)
 
 
-def _outputs(plan, x, state_every, for_backward):
-    """The forward's outputs, unwritten: y; the states every state_every positions (float32); with
-    for_backward the states after every second chunk and at the end, in x's precision; with segments
-    each one's sum of dt A (float32). Absent ones are empty. (Every direction's heads count in nheads.)"""
+def _outputs(plan, x, state_every):
+    """The forward's outputs, unwritten: y, and the states every state_every positions (float32; empty if
+    state_every is 0)."""
     batch, seqlen, *heads, headdim = x.shape
-    nheads, dstate = math.prod(heads), plan.dstate
-    f32 = dict(dtype=torch.float32)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    states = (x.new_empty(batch, seqlen // state_every, *heads, headdim, dstate, **f32) if state_every
-              else _empty(x))
-    pairs = x.new_empty(batch, -(-plan.nchunks // 2), nheads, headdim, dstate) if for_backward else _empty(x)
-    logdecay = x.new_empty(batch, plan.nseg, nheads, **f32) if plan.nseg > 1 else _empty(x)
-    return y, states, pairs, logdecay
+    states = (x.new_empty(batch, seqlen // state_every, *heads, headdim, plan.dstate, dtype=torch.float32)
+              if state_every else _empty(x))
+    return y, states
 
 
 def _none_if_empty(t):
     return None if t.numel() == 0 else t
 
 
-def _run_fwd(plan, x, dt, A, B, C, D, dt_bias, start, y, states, pairs, logdecay, every, coarse=1):
+def _run_fwd(plan, x, dt, A, B, C, D, dt_bias, start, y, states, logdecay, every, coarse=1):
     """Launch the forward kernel over plan.nseg segments, from start (batch, nseg, nheads, P, N) or zeros.
-    Writes whichever outputs are given: y; the states after every `every` chunks and at the end; the
-    states after every second chunk and at the end; each segment's sum of dt A in scan order. coarse > 1
-    (states only, dividing plan.seg_chunks) walks chunks that many times longer."""
+    Writes whichever outputs are given: y; the states after every `every` chunks and at the end; each
+    segment's sum of dt A in scan order. coarse > 1 (no y, dividing plan.seg_chunks) walks chunks that
+    many times longer."""
     batch, seqlen, ndir, dir_heads, headdim, ngroups, dstate = _geometry(x, B)
     chunk = plan.chunk * coarse
     nstates = 0 if states is None else states.shape[1]
     grid = (batch * ndir * dir_heads, -(-headdim // plan.block_p), plan.nseg)
     _scan_fwd_kernel[grid](
-        x, dt, A, B, C, D, dt_bias, y, start, states, pairs, logdecay,
+        x, dt, A, B, C, D, dt_bias, y, start, states, logdecay,
         seqlen, ndir * dir_heads, dir_heads, headdim, dstate, dir_heads // ngroups, plan.seg_chunks // coarse,
         every or 1, nstates,
         *_strides(x, dt, B, C),
         CHUNK=chunk, BLOCK_L=_tile(chunk), BLOCK_P=plan.block_p, BLOCK_N=plan.block_n,
         HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, HAS_START=start is not None, WRITE_Y=y is not None,
-        WRITE_STATES=states is not None, WRITE_PAIRS=pairs is not None, WRITE_LOGDECAY=logdecay is not None,
-        REVERSE=plan.reverse, DOT_F32=INTERPRET,
+        WRITE_STATES=states is not None, WRITE_LOGDECAY=logdecay is not None, REVERSE=plan.reverse,
+        DOT_F32=INTERPRET,
         num_warps=plan.warps, num_stages=plan.stages if coarse == 1 else plan.stages_coarse)
 
 
@@ -783,24 +773,33 @@ def _plan(x, B, state_every, reverse):
 _cached_plan = functools.lru_cache(maxsize=1024)(_Plan)  # a model makes the same few plans every step
 
 
-def _forward(x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every, for_backward):
-    """y, the states every state_every positions (0: none), and for the backward the pair states and each
-    segment's log-decay; absent outputs are empty."""
+def _segment_starts(plan, x, dt, A, B, C, D, dt_bias, initial_state):
+    """The state entering each of plan.nseg segments, (batch, nseg, nheads, P, N) float32, and each
+    segment's sum of dt A, (batch, nseg, nheads); with one segment, initial_state and None. x, dt, B, C
+    with their direction axes."""
+    if plan.nseg == 1:
+        return initial_state, None
+    batch, _, ndir, dir_heads, headdim, _, dstate = _geometry(x, B)
+    f32 = dict(dtype=torch.float32)
+    logdecay = x.new_empty(batch, plan.nseg, ndir * dir_heads, **f32)
+    local = x.new_empty(batch, plan.nseg, ndir * dir_heads, headdim, dstate, **f32)
+    k = plan.coarse if x.element_size() == 2 else 1  # each segment's own final state, then chained
+    _run_fwd(plan, x, dt, A, B, C, D, dt_bias, None, None, local, logdecay, plan.seg_chunks // k, coarse=k)
+    return _pass(local, logdecay, initial_state, False), logdecay
+
+
+def _forward(x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every):
+    """y and the states every state_every positions (0: none; then empty)."""
     plan = _plan(x, B, state_every, reverse)
-    y, states, pairs, logdecay = _outputs(plan, x, state_every, for_backward)
+    y, states = _outputs(plan, x, state_every)
     x, dt, B, C = _with_direction_axis(x, dt, B, C)
-    start = initial_state
-    if plan.nseg > 1:  # each segment's own final state, then chained
-        k = plan.coarse if x.element_size() == 2 else 1
-        local = x.new_empty(*logdecay.shape, x.shape[-1], plan.dstate, dtype=torch.float32)
-        _run_fwd(plan, x, dt, A, B, C, D, dt_bias, None, None, local, None, logdecay, plan.seg_chunks // k, coarse=k)
-        start = _pass(local, logdecay, initial_state, False)
-    _run_fwd(plan, x, dt, A, B, C, D, dt_bias, start, _with_direction_axis(y)[0], _none_if_empty(states),
-             _none_if_empty(pairs), None, state_every // plan.chunk)
-    return y, states, pairs, logdecay
+    start, _ = _segment_starts(plan, x, dt, A, B, C, D, dt_bias, initial_state)
+    _run_fwd(plan, x, dt, A, B, C, D, dt_bias, start, _with_direction_axis(y)[0], _none_if_empty(states), None,
+             state_every // plan.chunk)
+    return y, states
 
 
-def _backward(x, dt, A, B, C, D, initial_state, dt_bias, pair_states, logdecay, dy, dstates, reverse, state_every):
+def _backward(x, dt, A, B, C, D, initial_state, dt_bias, dy, dstates, reverse, state_every):
     """The gradients of x, dt, A, B, C, D, initial_state and dt_bias (empty where the input is None), each
     shaped like its input."""
     plan = _plan(x, B, state_every, reverse)
@@ -812,9 +811,14 @@ def _backward(x, dt, A, B, C, D, initial_state, dt_bias, pair_states, logdecay, 
     dstates = None if dstates is None or dstates.numel() == 0 else dstates.contiguous()
     every = state_every // plan.chunk if state_every else 1
     f32 = dict(device=x.device, dtype=torch.float32)
-    # R at the end of every pair of chunks, in the inputs' precision like the forward's pair states: the
-    # gradient kernel's products read both at that precision anyway
-    pair_adj = torch.empty(batch, -(-plan.nchunks // 2), nheads, headdim, dstate, device=x.device, dtype=x.dtype)
+    # S and R at the end of every pair of chunks, in the inputs' precision (the gradient kernel's products
+    # read them at it). S comes from a second forward pass, without y, in 16 bits over chunks twice as
+    # long, one a pair: cheaper than keeping S from the forward, as much memory as y.
+    pairs = (batch, -(-plan.nchunks // 2), nheads, headdim, dstate)
+    pair_states, pair_adj = x.new_empty(pairs), x.new_empty(pairs)
+    start, logdecay = _segment_starts(plan, x5, dt5, A, B5, C5, D, dt_bias, initial_state)
+    k = 2 if x.element_size() == 2 else 1
+    _run_fwd(plan, x5, dt5, A, B5, C5, D, dt_bias, start, None, pair_states, None, 2 // k, coarse=k)
     rend = None
     if plan.nseg > 1:  # each segment's own adjoint, then chained from the last segment back
         k = plan.coarse if x.element_size() == 2 and (dstates is None or every % plan.coarse == 0) else 1
@@ -897,42 +901,39 @@ def _operator(name, impl, fake, setup, grads, backward_impl=None, backward_fake=
 
 
 def _scan_impl(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-               initial_state: Optional[Tensor], dt_bias: Optional[Tensor], reverse: bool, state_every: int,
-               for_backward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               initial_state: Optional[Tensor], dt_bias: Optional[Tensor], reverse: bool,
+               state_every: int) -> tuple[Tensor, Tensor]:
     with _on_device(x):
-        return _forward(x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every, for_backward)
+        return _forward(x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every)
 
 
-def _scan_fake(x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every, for_backward):
-    return _outputs(_plan(x, B, state_every, reverse), x, state_every, for_backward)
+def _scan_fake(x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every):
+    return _outputs(_plan(x, B, state_every, reverse), x, state_every)
 
 
 def _scan_backward_impl(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                        initial_state: Optional[Tensor], dt_bias: Optional[Tensor], pair_states: Tensor,
-                        logdecay: Tensor, dy: Optional[Tensor], dstates: Optional[Tensor], reverse: bool,
+                        initial_state: Optional[Tensor], dt_bias: Optional[Tensor], dy: Optional[Tensor],
+                        dstates: Optional[Tensor], reverse: bool,
                         state_every: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _on_device(x):
-        return _backward(x, dt, A, B, C, D, initial_state, dt_bias, pair_states, _none_if_empty(logdecay), dy,
-                         dstates, reverse, state_every)
+        return _backward(x, dt, A, B, C, D, initial_state, dt_bias, dy, dstates, reverse, state_every)
 
 
-def _scan_backward_fake(x, dt, A, B, C, D, initial_state, dt_bias, pair_states, logdecay, dy, dstates, reverse,
-                        state_every):
+def _scan_backward_fake(x, dt, A, B, C, D, initial_state, dt_bias, dy, dstates, reverse, state_every):
     return tuple(_like(t, x) for t in (x, dt, A, B, C, D, initial_state, dt_bias))
 
 
 def _scan_setup(ctx, inputs, output):
-    x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every, _ = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, dt_bias, output[2], output[3])
-    ctx.mark_non_differentiable(output[2], output[3])
+    x, dt, A, B, C, D, initial_state, dt_bias, reverse, state_every = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, dt_bias)
     ctx.set_materialize_grads(False)  # an unused y or states sends None, not a tensor of zeros
     ctx.reverse, ctx.state_every = reverse, state_every
 
 
-def _scan_grads(ctx, dy, dstates, _pairs, _logdecay):
+def _scan_grads(ctx, dy, dstates):
     saved = ctx.saved_tensors
     grads = ctx.backward(*saved, dy, dstates, ctx.reverse, ctx.state_every)
-    return (*(None if t is None else g for t, g in zip(saved[:8], grads)), None, None, None)
+    return (*(None if t is None else g for t, g in zip(saved, grads)), None, None)
 
 
 _scan = _operator("scan", _scan_impl, _scan_fake, _scan_setup, _scan_grads, _scan_backward_impl, _scan_backward_fake)
@@ -970,9 +971,7 @@ def selective_scan(x, dt, A, B, C, D=None, initial_state=None, reverse=False, st
     x, B, C = (_last_dim_contiguous(t) for t in (x, B, C))
     A, D, dt_bias = (None if t is None else t.contiguous() for t in (A, D, dt_bias))
     initial_state = None if initial_state is None else initial_state.contiguous()
-    inputs = (x, dt, A, B, C, D, initial_state, dt_bias)
-    for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    y, states, _, _ = _scan(*inputs, bool(reverse), int(state_every or 0), for_backward)
+    y, states = _scan(x, dt, A, B, C, D, initial_state, dt_bias, bool(reverse), int(state_every or 0))
     return y if state_every is None else (y, states)
 
 
