@@ -364,11 +364,12 @@ def main(argv=None):
         loss = train_step(run, model, raw, cfg, optimizer, train_stream, args, it, autocast)
         done = it + 1
         if done % args.log_interval == 0 or done == args.max_iters:
+            loss = loss.item()  # waits for the GPU first: the host queues iterations ahead of it
             dt = time.time() - t0
             tok_s = tokens_per_iter * (done - max(start_iter, done - args.log_interval)) / dt if dt > 0 else 0.0
             mfu = fpt * tok_s / (peak * run.world) if peak else None
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}" if mfu else "n/a")
-            run.log(iter=done, loss=loss.item(), lr=lr_at(it, args), tok_s=tok_s, mfu=mfu, time=time.time())
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}" if mfu else "n/a")
+            run.log(iter=done, loss=loss, lr=lr_at(it, args), tok_s=tok_s, mfu=mfu, time=time.time())
             t0 = time.time()
         if done % args.eval_interval == 0 or done == args.max_iters:
             val = evaluate(run, raw, val_stream, args, autocast)
