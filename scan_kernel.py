@@ -817,8 +817,9 @@ def _backward(x, dt, A, B, C, D, initial_state, dt_bias, dy, dstates, reverse, s
     pairs = (batch, -(-plan.nchunks // 2), nheads, headdim, dstate)
     pair_states, pair_adj = x.new_empty(pairs), x.new_empty(pairs)
     start, logdecay = _segment_starts(plan, x5, dt5, A, B5, C5, D, dt_bias, initial_state)
-    k = 2 if x.element_size() == 2 else 1
-    _run_fwd(plan, x5, dt5, A, B5, C5, D, dt_bias, start, None, pair_states, None, 2 // k, coarse=k)
+    pair_coarse = 2 if x.element_size() == 2 else 1
+    _run_fwd(plan, x5, dt5, A, B5, C5, D, dt_bias, start, None, pair_states, None, 2 // pair_coarse,
+             coarse=pair_coarse)
     rend = None
     if plan.nseg > 1:  # each segment's own adjoint, then chained from the last segment back
         k = plan.coarse if x.element_size() == 2 and (dstates is None or every % plan.coarse == 0) else 1
